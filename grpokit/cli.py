@@ -1,0 +1,136 @@
+"""The command line: `grpokit train | eval | report | list`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(spec: str) -> Path:
+    """A recipe path, or the name of a bundled recipe (`fipo` -> recipes/fipo.toml)."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    bundled = RECIPES / f"{spec}.toml"
+    if bundled.exists():
+        return bundled
+    names = sorted(q.stem for q in RECIPES.glob("*.toml"))
+    raise SystemExit(f"grpokit: recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from grpokit.config import ConfigError, load_config
+    from grpokit.train.loop import TrainingStopped, train
+
+    try:
+        path = resolve_recipe(args.recipe) if args.recipe else None
+        if args.resume and path is None and (Path(args.resume) / "config.toml").exists():
+            path = Path(args.resume) / "config.toml"
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            cfg = load_config(path, args.set)
+    except ConfigError as e:
+        print(f"grpokit: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"grpokit: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from grpokit.algo import REGISTRIES
+
+    regs = dict(REGISTRIES)
+    try:
+        from grpokit.rewards import REWARDS
+
+        regs["reward"] = REWARDS
+    except ImportError:
+        pass
+    try:
+        from grpokit.data import TASKS
+
+        regs["task"] = TASKS
+    except ImportError:
+        pass
+    kinds = [args.kind] if args.kind else list(regs) + ["recipe"]
+    for kind in kinds:
+        if kind == "recipe":
+            print("recipe")
+            for p in sorted(RECIPES.glob("*.toml")):
+                first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+                print(f"  {p.stem:<26} {first}")
+            continue
+        if kind not in regs:
+            print(f"grpokit: unknown kind '{kind}'; choose from {', '.join(list(regs) + ['recipe'])}", file=sys.stderr)
+            return 2
+        print(kind)
+        for name, line in regs[kind].summary():
+            print(f"  {name:<26} {line}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grpokit.report.cli import eval_command
+
+    return eval_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from grpokit.report.html import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from grpokit.config import help_text
+
+    p = argparse.ArgumentParser(prog="grpokit", description="RL post-training of language models with verifiable rewards.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a policy from a TOML recipe", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("recipe", nargs="?", help="recipe TOML path or bundled name (grpo, dapo, fipo, frpo, ...)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set algo.beta=0.01 (repeatable)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint directory)")
+    t.set_defaults(fn=cmd_train)
+    ls = sub.add_parser("list", help="list registered advantages, credits, losses, aggregations, KLs, rewards, tasks, recipes")
+    ls.add_argument("kind", nargs="?")
+    ls.set_defaults(fn=cmd_list)
+    e = sub.add_parser("eval", help="evaluate a model or run directory on a task: avg@k, cons@k, pass@k")
+    e.add_argument("model", help="model name, HF directory, or a run directory (uses RUN/final)")
+    e.add_argument("--task", default="arith")
+    e.add_argument("--n", type=int, default=100, help="held-out problems")
+    e.add_argument("--k", type=int, default=1, help="samples per problem")
+    e.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for k=1, else 1.0")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--reward", action="append", default=None, help="reward function(s) deciding correctness")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    e.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("report", help="write the self-contained HTML report of a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Data parallelism: the only package that imports torch.distributed.
+
+Under `torchrun`, `init()` creates the process group; `wrap()` applies DDP or FSDP2 (`fully_shard`).
+Everything else asks this module for the rank, the world size and global sums, so a single process is
+just the world of size 1.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+_COMM_DEVICE = "cpu"  # where collective tensors live: cuda for nccl, cpu for gloo
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(backend: str = "", device: str = "cpu") -> None:
+    """Create the process group when launched by torchrun (no-op otherwise)."""
+    if is_distributed() or not launched_by_torchrun():
+        return
+    global _COMM_DEVICE
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    _COMM_DEVICE = "cuda" if backend == "nccl" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> torch.Tensor:
+    """Sum a vector of numbers over ranks (float64, so token counts stay exact). Returns a CPU tensor."""
+    t = torch.tensor(values, dtype=torch.float64, device=_COMM_DEVICE)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of one integer over ranks."""
+    t = torch.tensor([value], dtype=torch.int64, device=_COMM_DEVICE)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap(model: torch.nn.Module, strategy: str, device: str = "cpu") -> torch.nn.Module:
+    """Wrap the policy for data parallelism: 'none', 'ddp' or 'fsdp2'.
+
+    Both DDP and FSDP2 average gradients over ranks; the trainer multiplies its loss by the world size so
+    that the global-count aggregation gives the single-process gradient (SPEC section 3).
+    """
+    if strategy == "none" or not is_distributed():
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [torch.cuda.current_device()] if device == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(getattr(model, "model", model), "layers", None)
+        for layer in layers or []:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown dist.strategy '{strategy}'; valid: none, ddp, fsdp2")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
