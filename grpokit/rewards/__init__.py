@@ -1,0 +1,24 @@
+"""Reward functions: plain callables `(prompts, completions, **columns) -> list[float | None]`.
+
+    rewards = RewardSet([("numeric_match", 1.0), ("format", 0.1, {"preset": "number"})], on_error="raise")
+    columns = columns_from_rows(rows, completion_lengths=lengths, truncated=rollout.truncated)
+    result = rewards.score(prompts, rollout.texts, columns)   # RewardResult; unpacks as (total, per_function)
+
+Built in (REWARDS): numeric_match, format, overlong (DAPO), math_verify, reasoning_gym.
+Your own: any callable, or `load_reward("my_module:my_fn")` / `"path/to/file.py:my_fn"`;
+`REWARDS.register("name")` to give it a name. Mark a correctness reward with `@correctness` so the
+accuracy metric uses it. See `grpokit.rewards.rewardset` for weights, None, errors and timeouts.
+"""
+from grpokit.rewards.base import REWARDS, RewardFn, correctness, is_correctness, load_reward
+from grpokit.rewards.builtin import FORMAT_PRESETS, format_reward, numeric_match, overlong
+from grpokit.rewards.extract import extract_number, last_answer_tag, last_boxed, last_number, parse_number
+from grpokit.rewards.gym import extract_rg_answer, reasoning_gym
+from grpokit.rewards.latex import math_verify
+from grpokit.rewards.rewardset import RewardError, RewardResult, RewardSet, columns_from_rows
+
+__all__ = [
+    "REWARDS", "RewardFn", "correctness", "is_correctness", "load_reward",
+    "numeric_match", "format_reward", "overlong", "math_verify", "reasoning_gym", "FORMAT_PRESETS",
+    "extract_number", "last_boxed", "last_number", "last_answer_tag", "parse_number", "extract_rg_answer",
+    "RewardSet", "RewardResult", "RewardError", "columns_from_rows",
+]
