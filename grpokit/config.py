@@ -294,6 +294,11 @@ def validate(cfg: Config) -> list[str]:
     n_rewards = len(cfg.rewards.functions)
     if cfg.rewards.weights and len(cfg.rewards.weights) != n_rewards:
         raise ConfigError(f"rewards.weights has {len(cfg.rewards.weights)} entries for {n_rewards} rewards.functions; give one weight per function")
+    if cfg.rewards.overlong_buffer and not 0 < cfg.rewards.overlong_buffer < r.max_new_tokens:
+        raise ConfigError(
+            f"rewards.overlong_buffer = {cfg.rewards.overlong_buffer} must be between 1 and rollout.max_new_tokens - 1 "
+            f"= {r.max_new_tokens - 1} (DAPO's L_c is a buffer before L_max)"
+        )
     batch = r.prompts_per_step * r.group_size
     if t.updates_per_rollout > batch:
         raise ConfigError(f"train.updates_per_rollout = {t.updates_per_rollout} exceeds the {batch} sequences of a rollout batch")

@@ -1,0 +1,22 @@
+"""Pure math of GRPO-family post-training: tensors and keyword hyperparameters in, tensors out.
+
+Imports only torch and the standard library; no config objects, no logging, no torch.distributed.
+Every formula is in SPEC.md; the contracts are in docs/interfaces.md. The registries below are the
+extension points; `grpokit list` prints REGISTRIES with each entry's first docstring line.
+"""
+from grpokit.algo.advantages import ADVANTAGES
+from grpokit.algo.aggregate import AGGREGATIONS
+from grpokit.algo.credit import CREDIT
+from grpokit.algo.kl import KL
+from grpokit.algo.losses import LOSSES
+from grpokit.algo.registry import Registry
+
+REGISTRIES: dict[str, Registry] = {
+    "advantage": ADVANTAGES,
+    "credit": CREDIT,
+    "loss": LOSSES,
+    "aggregation": AGGREGATIONS,
+    "kl": KL,
+}
+
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "REGISTRIES", "Registry"]

@@ -21,6 +21,7 @@ import torch
 from grpokit import dist
 from grpokit.config import Config, save_config
 from grpokit.train import checkpoint as ckpt
+from grpokit.report.evaluate import write_json
 from grpokit.train.metrics import MetricsLogger, quantiles
 from grpokit.train.step import Batch, StatSums, micro_batch_loss, plan_microbatches, sequence_advantages, token_credit
 
@@ -123,7 +124,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None) -> Context:
     if cfg.dist.strategy == "fsdp2" and dist.is_distributed():
         rollout_model = ref_model(_full_copy_source(model))  # an unsharded copy, re-synced every step
     autocast = autocast_context(device, cfg.model.precision)
-    sampler = Sampler(rollout_model, tokenizer, device=device, autocast_dtype=autocast)
+    sampler = Sampler(rollout_model, tokenizer, device=device, autocast_dtype=cfg.model.precision)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay, foreach=False)
@@ -233,22 +234,25 @@ class Scores:
     total: torch.Tensor                 # [B] f32
     per_function: dict[str, list[float]]
     valid: torch.Tensor                 # [B] bool (False: a 'skip'ped reward error)
+    correct: torch.Tensor               # [B] bool: the correctness reward >= 1 (or total >= 1 without one)
 
     @staticmethod
     def of(result: Any) -> "Scores":
         total = result.total.float()  # [B]
-        valid = getattr(result, "valid", None)
-        valid = torch.isfinite(total) if valid is None else (valid.bool() & torch.isfinite(total))  # [B]
-        return Scores(torch.where(valid, total, torch.zeros_like(total)), dict(result.per_function), valid)
+        valid = result.valid.bool() & torch.isfinite(total)  # [B]
+        total = torch.where(valid, total, torch.zeros_like(total))  # [B]
+        correct = result.correct.bool() if result.correct is not None else total >= 1  # [B]
+        return Scores(total, dict(result.per_function), valid, correct & valid)
 
     def select(self, idx: list[int]) -> "Scores":
-        return Scores(self.total[idx], {k: [v[i] for i in idx] for k, v in self.per_function.items()}, self.valid[idx])
+        return Scores(self.total[idx], {k: [v[i] for i in idx] for k, v in self.per_function.items()},
+                      self.valid[idx], self.correct[idx])
 
     @staticmethod
     def cat(parts: list["Scores"]) -> "Scores":
         keys = parts[0].per_function.keys()
         return Scores(torch.cat([p.total for p in parts]), {k: sum((p.per_function[k] for p in parts), []) for k in keys},
-                      torch.cat([p.valid for p in parts]))
+                      torch.cat([p.valid for p in parts]), torch.cat([p.correct for p in parts]))
 
 
 def sample_rows(ctx: Context, n_prompts: int) -> list[dict[str, Any]]:
@@ -264,15 +268,10 @@ def encode(ctx: Context, rows: list[dict[str, Any]]) -> list[list[int]]:
                           system=ctx.cfg.data.system_prompt or None, chat=ctx.cfg.data.chat_template)
 
 
-def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    keys = [k for k in rows[0] if k != "prompt"] if rows else []
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
 def score(ctx: Context, rows: list[dict[str, Any]], roll: Any) -> Scores:
-    cols = columns_of(rows)
-    cols["completion_lengths"] = roll.response_mask.sum(1).tolist()
-    cols["truncated"] = roll.truncated.tolist()
+    from grpokit.rewards.rewardset import columns_from_rows
+
+    cols = columns_from_rows(rows, completion_lengths=roll.response_mask.sum(1).tolist(), truncated=roll.truncated.tolist())
     return Scores.of(ctx.rewards.score([r["prompt"] for r in rows], roll.texts, cols))
 
 
@@ -401,6 +400,8 @@ def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> tuple[B
 
 
 def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
+    from grpokit.rollout.logprobs import token_logprobs
+
     """`updates_per_rollout` optimizer steps over contiguous mini-batches, each with gradient
     accumulation over micro-batches. Returns metrics and the effective per-token credit [B, T]
     (advantage x FIPO weight where the loss reports one)."""
@@ -426,9 +427,7 @@ def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
             weight = 1.0 if k < len(micro) else 0.0
             sub = batch.select(idx)
             with ctx.autocast:
-                from grpokit.rollout.logprobs import token_logprobs
-
-                logp, _ = token_logprobs(ctx.model, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device),
+                logp = token_logprobs(ctx.model, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device),
                                          sub.response_len, temperature=c.rollout.temperature)
             sub = _to(sub, logp.device)
             loss, s = micro_batch_loss(sub, logp.float(), cfg=c.algo, num_tokens=n_tok, num_seqs=n_seq,
@@ -472,7 +471,7 @@ def rollout_metrics(ctx: Context, roll: Any, sc: Scores, batch: Batch) -> dict[s
         v = torch.tensor([x for x in vals if x is not None and math.isfinite(x)], dtype=torch.float64)
         if len(v):
             m[f"reward/{name}/mean"] = float(v.mean())
-    correct = ctx.rewards.correct(sc.per_function) if hasattr(ctx.rewards, "correct") else (total >= 1).tolist()
+    correct = sc.correct.tolist()
     m["acc"] = float(np.mean(correct)) if correct else 0.0
     grouped = total.view(-1, G)  # [n, G]
     m["frac_zero_var_groups"] = float((grouped.max(1).values == grouped.min(1).values).float().mean())
@@ -544,11 +543,13 @@ def heldout_eval(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Greedy accuracy on the held-out rows (every rank evaluates all rows: forwards stay in step)."""
     from grpokit.report.evaluate import evaluate
 
-    res = evaluate(ctx.rollout_model, ctx.tokenizer, rows, reward_set=ctx.rewards, k=1, temperature=0.0,
-                   max_new_tokens=ctx.cfg.rollout.max_new_tokens, batch_size=64, seed=ctx.cfg.train.seed,
-                   system=ctx.cfg.data.system_prompt or None, chat=ctx.cfg.data.chat_template,
-                   stop_strings=tuple(ctx.cfg.rollout.stop_strings), autocast=ctx.autocast, device=ctx.device)
-    return res
+    def enc(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+        return encode(ctx, [{"prompt": p} for p in prompts])
+
+    return evaluate(ctx.rollout_model, ctx.tokenizer, rows, reward_set=ctx.rewards, k=1, temperature=0.0,
+                    max_new_tokens=ctx.cfg.rollout.max_new_tokens, batch_size=64, seed=ctx.cfg.train.seed,
+                    stop_strings=tuple(ctx.cfg.rollout.stop_strings), device=ctx.device, sampler=ctx.sampler,
+                    encode=enc)
 
 
 def save_final(ctx: Context) -> Path:
@@ -626,7 +627,7 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> Path:
             f"({100 * (results['after']['acc'] - results['before']['acc']):+.1f} points)")
     final = save_final(ctx)
     if dist.is_main():
-        (ctx.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        write_json(results, ctx.run_dir / "eval.json")
         say(f"final model: {final}")
         if c.report:
             from grpokit.report.html import write_report

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline hub settings, a small thread count, and the SFT-warmed tiny model."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy  # noqa: E402,F401  (registers the copy2 task)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def warm_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny-char model that learnt the copy2 format by a short SFT (digits right 40% each, else shifted by one)."""
+    from grpokit.models import make_tiny
+    from grpokit.train.sft import sft
+
+    torch.manual_seed(0)
+    model, tok = make_tiny(seed=0)
+    sft(model, tok, toy.noisy_pairs(4000, p_digit=0.4, seed=0), steps=150, batch_size=32, lr=3e-3, seed=0)
+    path = tmp_path_factory.mktemp("warm_tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
