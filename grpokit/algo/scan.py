@@ -11,9 +11,8 @@ triangular matmul, O(B·T²) time. This module splits T into blocks of K and:
 
 Time O(B·T·K), memory O(B·T). Every power used is γ^n with 0 ≤ n ≤ K, so it lies in [0, 1]: no
 overflow for any γ in [0, 1] and any T. (cumsum(x·γ^(−t))·γ^t, the tempting one-liner, overflows
-float32 past t ≈ 4000 for τ = 32.) Block K = 64 by default: measured on a 2-core CPU it is within a
-few percent of the fastest K and 1.5-3x faster than K = 128 or 256 (benchmarks/README.md, "Future-KL
-scan"); larger K only pays off on an accelerator.
+float32 past t ≈ 4000 for τ = 32.) Block K = 64 by default: on a 2-core CPU it is within ~25% of the
+fastest K (32) and 1.5-2x faster than K = 128 or 256 (benchmarks/README.md, "Future-KL scan").
 """
 from __future__ import annotations
 

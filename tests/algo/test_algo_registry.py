@@ -1,0 +1,66 @@
+"""The registries: names, one signature per registry, first docstring lines, unknown-name errors."""
+import inspect
+
+import pytest
+import torch
+
+import grpokit.algo as algo
+from grpokit.algo import REGISTRIES
+
+EXPECTED = {
+    "advantage": ["batch_std", "dr_grpo", "grpo", "rloo"],
+    "credit": ["broadcast", "frpo"],
+    "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
+    "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
+    "kl": ["k1", "k2", "k3"],
+}
+KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
+    "advantage": {"eps", "std"},
+    "credit": {"old_logp", "ref_logp", "beta", "divergence"},
+    "loss": {"clip_low", "clip_high", "dual_clip_c"},
+    "aggregation": {"num_tokens", "num_seqs", "norm_const"},
+    "kl": set(),
+}
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2}
+
+
+def test_registries_and_exports():
+    assert {k: r.names() for k, r in REGISTRIES.items()} == EXPECTED
+    assert algo.ADVANTAGES is REGISTRIES["advantage"] and algo.LOSSES is REGISTRIES["loss"]
+    assert algo.CREDIT is REGISTRIES["credit"] and algo.AGGREGATIONS is REGISTRIES["aggregation"]
+    assert algo.KL is REGISTRIES["kl"]
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_uniform_signature_and_docstrings(kind):
+    reg = REGISTRIES[kind]
+    for name, first_line in reg.summary():
+        assert 10 < len(first_line) <= 100, (kind, name, first_line)
+        params = inspect.signature(reg.get(name)).parameters.values()
+        positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert len(positional) == POSITIONAL[kind], (kind, name)
+        assert KEYWORDS[kind] <= keyword, (kind, name, keyword)
+        doc = inspect.getdoc(reg.get(name))
+        assert "Shapes" in doc, (kind, name)
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        REGISTRIES["loss"].get("ppo_clipp")
+    msg = str(err.value)
+    assert "unknown loss 'ppo_clipp'" in msg and "did you mean 'ppo_clip'" in msg
+    assert "cispo, fipo, gspo, ppo_clip" in msg
+    with pytest.raises(ValueError, match="valid names: batch_std, dr_grpo, grpo, rloo"):
+        REGISTRIES["advantage"].call("ppo", torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_call_routes_only_declared_hyperparameters():
+    """The trainer can hand every loss the same keyword set; each takes what it declares."""
+    x = torch.zeros(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    every = dict(clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, tau=32.0, f_low=1.0, f_high=1.2, safety=10.0,
+                 drop_seqs=True, unrelated=1)
+    for name in REGISTRIES["loss"]:
+        per_tok, stats = REGISTRIES["loss"].call(name, x, x, x, mask, **every)
+        assert per_tok.shape == (2, 3) and {"clipped_low", "clipped_high", "dual_clipped"} <= set(stats)

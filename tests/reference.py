@@ -1,0 +1,349 @@
+"""Slow, obviously-correct loop twins of grpokit.algo, transcribing SPEC.md line by line.
+
+Python floats (float64) and explicit loops; no vectorisation beyond what a line of the SPEC says.
+Inputs are torch tensors (converted with .tolist()); outputs are float64 tensors of the same shape
+(bool tensors for stats). Only the equivalence tests use these.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+CLAMP = 20.0  # SPEC section 0: clamp ℓ − ℓ° to [−20, 20] before exp
+EPS = 1e-6  # SPEC section 1
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def _groups(group_ids: list[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(group_ids):
+        groups[g].append(i)
+    return groups
+
+
+# ---------------------------------------------------------------- section 1: advantages
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: list[float], unbiased: bool) -> float:
+    if len(xs) < 2:
+        return 0.0
+    mu = _mean(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1 if unbiased else len(xs)))
+
+
+def _flat(xs: list[float]) -> bool:
+    """All equal (a singleton is flat): the SPEC's A = 0 exactly."""
+    return all(x == xs[0] for x in xs)
+
+
+def advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = EPS,
+               std: str = "unbiased") -> torch.Tensor:
+    r, g = rewards.tolist(), group_ids.tolist()
+    unbiased = std == "unbiased"
+    out = [0.0] * len(r)
+    batch_sd = _std(r, unbiased) if r else 0.0
+    for members in _groups(g).values():
+        rs = [r[i] for i in members]
+        if _flat(rs):
+            continue  # A = 0 exactly (flat or singleton group)
+        mu, sd, n = _mean(rs), _std(rs, unbiased), len(rs)
+        for i in members:
+            if name == "grpo":
+                out[i] = (r[i] - mu) / (sd + eps)
+            elif name == "dr_grpo":
+                out[i] = r[i] - mu
+            elif name == "batch_std":
+                out[i] = (r[i] - mu) / (batch_sd + eps)
+            elif name == "rloo":  # R_i − mean of the others
+                out[i] = r[i] - sum(r[j] for j in members if j != i) / (n - 1)
+            else:
+                raise KeyError(name)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- section 2: losses
+
+
+def _dual_clip_ppo(rho: float, a: float, cl: float, ch: float, c: float | None) -> float:
+    loss = max(-a * rho, -a * _clamp(rho, 1 - cl, 1 + ch))
+    if c is not None and a < 0:
+        loss = min(loss, -a * c)
+    return loss
+
+
+def ppo_clip(logp, old_logp, adv, mask, *, clip_low, clip_high, dual_clip_c=None):
+    """Returns (per_tok, clipped_low, clipped_high, dual_clipped)."""
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    lo, hi, du = (torch.zeros(b, t, dtype=torch.bool) for _ in range(3))
+    for i in range(b):
+        for j in range(t):
+            if not m[i][j]:
+                continue
+            rho = math.exp(_clamp(lp[i][j] - op[i][j], -CLAMP, CLAMP))
+            a = ad[i][j]
+            out[i, j] = _dual_clip_ppo(rho, a, clip_low, clip_high, dual_clip_c)
+            lo[i, j] = a < 0 and rho < 1 - clip_low
+            hi[i, j] = a > 0 and rho > 1 + clip_high
+            du[i, j] = dual_clip_c is not None and a < 0 and rho > dual_clip_c
+    return out, lo, hi, du
+
+
+def gspo(logp, old_logp, adv, mask, *, clip_low, clip_high, dual_clip_c=None):
+    """Per-token value: the sequence ratio s_i in place of ρ (the token form has value s_i)."""
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        n = sum(m[i])
+        if n == 0:
+            continue
+        log_s = sum(lp[i][j] - op[i][j] for j in range(t) if m[i][j]) / n
+        s = math.exp(_clamp(log_s, -CLAMP, CLAMP))
+        for j in range(t):
+            if m[i][j]:
+                out[i, j] = _dual_clip_ppo(s, ad[i][j], clip_low, clip_high, dual_clip_c)
+    return out
+
+
+def cispo(logp, old_logp, adv, mask, *, clip_low, clip_high):
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        for j in range(t):
+            if m[i][j]:
+                rho = math.exp(_clamp(lp[i][j] - op[i][j], -CLAMP, CLAMP))
+                out[i, j] = -_clamp(rho, 1 - clip_low, 1 + clip_high) * ad[i][j] * lp[i][j]
+    return out
+
+
+# ---------------------------------------------------------------- section 3: aggregation
+
+
+def aggregate(name: str, per_tok, mask, *, num_tokens, num_seqs, norm_const) -> float:
+    x, m = per_tok.tolist(), mask.tolist()
+    total = 0.0
+    for i in range(len(x)):
+        row = sum(x[i][j] for j in range(len(x[i])) if m[i][j])
+        if name == "seq_mean_token_mean":
+            row = row / sum(m[i]) if sum(m[i]) else 0.0
+        total += row
+    if name == "token_mean":
+        return total / max(num_tokens, 1)
+    if name in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return total / max(num_seqs, 1)
+    if name == "seq_mean_token_sum_norm":
+        return total / (max(num_seqs, 1) * norm_const)
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------- section 4: KL
+
+
+def kl(name: str, logp, ref_logp) -> torch.Tensor:
+    lp, rp = logp.tolist(), ref_logp.tolist()
+    out = torch.zeros(logp.shape, dtype=torch.float64)
+    for i in range(len(lp)):
+        for j in range(len(lp[i])):
+            d = lp[i][j] - rp[i][j]
+            if name == "k1":
+                out[i, j] = d
+            elif name == "k2":
+                out[i, j] = 0.5 * d * d
+            else:  # k3 = r − log r − 1, r = e^{−δ}
+                d = _clamp(d, -CLAMP, CLAMP)
+                out[i, j] = math.exp(-d) + d - 1
+    return out
+
+
+# ---------------------------------------------------------------- scan (sections 6, 7)
+
+
+def reverse_scan_direct(x, gamma: float) -> torch.Tensor:
+    """F[i,t] = Σ_{k=t..T} γ^(k−t) x[i,k], the definition (O(T²)); small T only."""
+    out = []
+    for row in x.tolist():
+        out.append([sum(gamma ** (k - t) * row[k] for k in range(t, len(row))) for t in range(len(row))])
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
+
+
+def reverse_scan(x, gamma: float) -> torch.Tensor:
+    """F_t = x_t + γ·F_{t+1}, the recursion, in Python floats (float64), row by row."""
+    out = []
+    for row in x.tolist():
+        carry, col = 0.0, [0.0] * len(row)
+        for t in range(len(row) - 1, -1, -1):
+            carry = row[t] + gamma * carry
+            col[t] = carry
+        out.append(col)
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- section 6: FIPO
+
+
+def fipo(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, tau=32.0,
+         f_low=1.0, f_high=1.2, safety=10.0, drop_seqs=True):
+    """Returns dict: per_tok, weight, F, reset, dropped (float64 / bool tensors)."""
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    gamma = 2.0 ** (-1.0 / tau) if tau > 0 else 0.0
+    res = {k: [[0.0] * t for _ in range(b)] for k in ("per_tok", "weight", "F", "reset")}
+    res["dropped"] = [False] * b
+    for i in range(b):
+        d = [_clamp(lp[i][j] - op[i][j], -CLAMP, CLAMP) if m[i][j] else 0.0 for j in range(t)]
+        rho = [math.exp(x) for x in d]
+        keep = [m[i][j] and (dual_clip_c is None or d[j] <= math.log(dual_clip_c)) for j in range(t)]
+        fut = 0.0
+        for j in range(t - 1, -1, -1):  # F_t = M_t·d_t + γ·F_{t+1}
+            fut = (d[j] if keep[j] else 0.0) + gamma * fut
+            if not m[i][j]:
+                continue
+            f = _clamp(math.exp(min(fut, 700.0)), f_low, f_high)
+            reset = safety is not None and ad[i][j] < 0 and rho[j] > safety
+            if reset:
+                f = _clamp(f, 0.8, 1.0)
+            res["F"][i][j] = fut
+            res["weight"][i][j] = f
+            res["reset"][i][j] = reset
+            res["per_tok"][i][j] = f * _dual_clip_ppo(rho[j], ad[i][j], clip_low, clip_high, dual_clip_c)
+        n_dual = sum(1 for j in range(t) if m[i][j] and ad[i][j] < 0 and dual_clip_c is not None
+                     and rho[j] > dual_clip_c)
+        if drop_seqs and n_dual > 1:
+            res["dropped"][i] = True
+            res["per_tok"][i] = [0.0] * t
+    out = {k: torch.tensor(v, dtype=torch.float64).reshape(b, t) for k, v in res.items() if k != "dropped"}
+    out["reset"] = out["reset"].bool()
+    out["dropped"] = torch.tensor(res["dropped"], dtype=torch.bool).reshape(b)
+    return out
+
+
+# ---------------------------------------------------------------- section 7: FRPO
+
+
+def frpo(seq_adv, mask, *, old_logp, ref_logp, beta, divergence="k1") -> torch.Tensor:
+    a, m, op, rp = seq_adv.tolist(), mask.tolist(), old_logp.tolist(), ref_logp.tolist()
+    b, t = mask.shape
+    out = [[0.0] * t for _ in range(b)]
+    for i in range(b):
+        delta = [(op[i][j] - rp[i][j]) if m[i][j] else 0.0 for j in range(t)]  # k1, masked
+        dc = [_clamp(x, -CLAMP, CLAMP) for x in delta]
+        u = [math.exp(-x) for x in dc]  # π_ref/π_old
+        if divergence == "k3":
+            term = [u[j] - math.log(u[j]) - 1 if m[i][j] else 0.0 for j in range(t)]
+        else:  # forward
+            term = [u[j] * math.log(u[j]) - u[j] + 1 if m[i][j] else 0.0 for j in range(t)]
+        s_incl = 0.0  # Σ_{j≥t} δ_j
+        after = 0.0  # Σ_{j>t} f(u_j)
+        for j in range(t - 1, -1, -1):
+            s_incl += delta[j]
+            if divergence == "k1":
+                reg = s_incl
+            elif divergence == "k3":
+                reg = dc[j] + after
+            else:
+                reg = 1 - u[j] + after
+            after += term[j]
+            if m[i][j]:
+                out[i][j] = a[i] - beta * reg
+    return torch.tensor(out, dtype=torch.float64).reshape(b, t)
+
+
+def implicit_utility(rewards, group_ids) -> float:
+    groups = _groups(group_ids.tolist())
+    r = rewards.tolist()
+    vals = [2 * math.asin(math.sqrt(_mean([r[i] for i in mem]))) for mem in groups.values()]
+    return _mean(vals)
+
+
+# ---------------------------------------------------------------- section 8: cancellation
+
+
+def cancellation_residual(response_ids, mask, group_ids, adv, weights) -> float:
+    ids, m, a, w = response_ids.tolist(), mask.tolist(), adv.tolist(), weights.tolist()
+    res = []
+    for members in _groups(group_ids.tolist()).values():
+        for t in range(len(ids[0]) if ids else 0):
+            classes: dict[tuple, list[int]] = defaultdict(list)
+            for i in members:
+                if m[i][t]:
+                    classes[tuple(ids[i][: t + 1])].append(i)
+            for cls in classes.values():
+                gross = sum(abs(a[i] * w[i]) for i in cls)
+                if len(cls) >= 2 and gross > 0:
+                    res.append(abs(sum(a[i] * w[i] for i in cls)) / gross)
+    return _mean(res) if res else 0.0
+
+
+def min_replace(w, group_ids) -> torch.Tensor:
+    ws = w.tolist()
+    out = [0.0] * len(ws)
+    for members in _groups(group_ids.tolist()).values():
+        lo = min(ws[i] for i in members)
+        for i in members:
+            out[i] = lo
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def adv_orthogonal(w, adv, group_ids) -> torch.Tensor:
+    ws, a = w.tolist(), adv.tolist()
+    out = [0.0] * len(ws)
+    for members in _groups(group_ids.tolist()).values():
+        aa = sum(a[i] ** 2 for i in members)
+        aw = sum(a[i] * ws[i] for i in members)
+        wt = {i: ws[i] - (aw / aa if aa > 0 else 0.0) * a[i] for i in members}
+        if min(wt.values()) <= 0:
+            lo = min(ws[i] for i in members)
+            wt = {i: lo for i in members}
+        for i in members:
+            out[i] = wt[i]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- random test inputs
+
+
+def make_batch(b: int, t: int, *, seed: int, dtype: torch.dtype = torch.float64, spread: float = 0.3,
+               garbage: bool = True, n_groups: int = 3, all_masked: bool = False):
+    """A random right-padded batch: ragged lengths (some rows empty), ragged non-contiguous groups,
+    log-ratios with outliers, per-token advantages; NaN at padded positions when `garbage`.
+
+    Returns dict: logp, old_logp, ref_logp, adv [B,T], seq_adv [B], mask [B,T], group_ids [B],
+    rewards [B] (binary), ids [B,T] (token ids from a tiny vocabulary, with shared prefixes).
+    `all_masked` makes every row empty.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    lengths[torch.rand(b, generator=g) < 0.15] = 0
+    lengths[torch.rand(b, generator=g) < 0.3] = t
+    if all_masked:
+        lengths[:] = 0
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    old = -3.0 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    noise = spread * torch.randn(b, t, generator=g, dtype=torch.float64)
+    noise = torch.where(torch.rand(b, t, generator=g) < 0.05, 8.0 * noise, noise)
+    logp = old + noise
+    ref = old + spread * torch.randn(b, t, generator=g, dtype=torch.float64)
+    group_ids = torch.tensor([100, 7, 55, 3, 12][:n_groups])[torch.randint(0, n_groups, (b,), generator=g)]
+    rewards = (torch.rand(b, generator=g) < 0.5).to(torch.float64)
+    seq_adv = torch.randn(b, generator=g, dtype=torch.float64)
+    adv = seq_adv[:, None].expand(b, t).clone()
+    ids = torch.randint(0, 3, (b, t), generator=g)
+    ids[:, : t // 3] = 1  # a shared template prefix
+    out = dict(logp=logp, old_logp=old, ref_logp=ref, adv=adv)
+    if garbage:
+        out = {k: v.masked_fill(~mask, float("nan")) for k, v in out.items()}
+    out = {k: v.to(dtype) for k, v in out.items()}
+    out.update(mask=mask, group_ids=group_ids, rewards=rewards.to(dtype), seq_adv=seq_adv.to(dtype), ids=ids)
+    return out
