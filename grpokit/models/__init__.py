@@ -1,15 +1,18 @@
-"""Causal LMs: loading (local dir, hub id, built-ins), the frozen reference copy, precision helpers."""
+"""Causal LMs: loading (local dir, hub id, built-ins), the frozen reference copy, LoRA, precision helpers."""
 
+from grpokit.models.lora import apply_lora, merged_copy
 from grpokit.models.loading import BUILTIN_MODELS, cache_root, load_model, normalize_tokenizer, ref_model, resolve_dtype
 from grpokit.models.precision import autocast_context, resolve_precision
 from grpokit.models.tiny import make_tiny, save_tiny
 
 __all__ = [
     "BUILTIN_MODELS",
+    "apply_lora",
     "autocast_context",
     "cache_root",
     "load_model",
     "make_tiny",
+    "merged_copy",
     "normalize_tokenizer",
     "ref_model",
     "resolve_dtype",

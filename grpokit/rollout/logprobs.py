@@ -61,7 +61,9 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0 for scoring, got {temperature}; use 1.0 for greedy rollouts")
     total = input_ids.shape[1]
     if not 0 < response_len < total:
-        raise ValueError(f"response_len must be in [1, {total - 1}] for sequences of length {total}, got {response_len}")
+        raise ValueError(
+            f"response_len must be in [1, {total - 1}] for sequences of length {total}, got {response_len}"
+        )
     keep = {"logits_to_keep": response_len + 1} if accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=input_ids,  # [B, P+T]
