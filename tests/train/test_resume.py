@@ -118,16 +118,15 @@ def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
 
 
-if "nan_for_test" not in LOSSES:
-    @LOSSES.register("nan_for_test")
-    def nan_for_test(logp, old_logp, adv, mask, **_):
-        """A loss that is always NaN (tests the non-finite guard)."""
-        per_tok = logp * float("nan")
-        flags = torch.zeros_like(mask, dtype=torch.bool)
-        return per_tok, {"clipped_low": flags, "clipped_high": flags, "dual_clipped": flags}
+def nan_for_test(logp, old_logp, adv, mask, **_):
+    """A loss that is always NaN (tests the non-finite guard)."""
+    per_tok = logp * float("nan")
+    flags = torch.zeros_like(mask, dtype=torch.bool)
+    return per_tok, {"clipped_low": flags, "clipped_high": flags, "dual_clipped": flags}
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(warm_tiny: str, tmp_path: Path) -> None:
+def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(warm_tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LOSSES._fns, "nan_for_test", nan_for_test)  # registered for this test only
     run = tmp_path / "run"
     sets = [a for a in cli_args(warm_tiny, run, 10)[4:] if a != "--set"]
     sets = [s for s in sets if not s.startswith(("algo.loss", "train.save_every"))] + ["algo.loss=nan_for_test", "train.max_nonfinite=3"]
