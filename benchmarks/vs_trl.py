@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -458,7 +458,7 @@ def worker_trl(spec: SpeedSpec) -> dict[str, Any]:
         log_completions=False, dataloader_num_workers=0, disable_tqdm=True,
     )
     marks: list[float] = []
-    logs: list[dict[str, float]] = []
+    step_logs: list[dict[str, float]] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -469,11 +469,8 @@ def worker_trl(spec: SpeedSpec) -> dict[str, Any]:
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
-                logs_ = dict(logs)
-                logs_["_t"] = time.perf_counter()
-                _logs.append(logs_)
+                step_logs.append({**logs, "_t": time.perf_counter()})
 
-    _logs = logs
     trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=trl_numeric_match, args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[Clock()])
     # phase clocks around TRL's own methods (instance attributes shadow the bound methods it calls)
@@ -506,12 +503,12 @@ def worker_trl(spec: SpeedSpec) -> dict[str, Any]:
     # the time of step k is from the end of step k-1 (or the start of training) to the end of step k, so it
     # holds everything: data loading, generation, scoring, the loss forward/backward, the optimizer, logging.
     # The on_log of step k runs after its on_step_end: move each boundary past that step's logging.
-    ends = [lg["_t"] for lg in logs] if len(logs) == n_steps else marks[1:]
+    ends = [lg["_t"] for lg in step_logs] if len(step_logs) == n_steps else marks[1:]
     times = [b - a for a, b in zip([marks[0]] + ends[:-1], ends)]
-    gen = [lg["completions/mean_length"] * B for lg in logs]
+    gen = [lg["completions/mean_length"] * B for lg in step_logs]
     return {"trainer": "TRL", "step_s": times, "gen_tokens": gen, "rss_mib": _rss_mib(),
-            "reward": [lg.get("reward", float("nan")) for lg in logs],
-            "trl_step_time": [lg.get("step_time", float("nan")) for lg in logs],
+            "reward": [lg.get("reward", float("nan")) for lg in step_logs],
+            "trl_step_time": [lg.get("step_time", float("nan")) for lg in step_logs],
             # rollout = generate; logprobs = the rest of _generate_and_score_completions (old/ref log-probs when
             # needed, padding, advantages) minus rewards; update = everything else of the step
             "phases": [{"time/rollout": g, "time/reward": r, "time/logprobs": p - g - r, "time/update": t - p}
@@ -608,7 +605,7 @@ def speed_markdown(spec: SpeedSpec, s_trl: dict[str, Any], s_gk: dict[str, Any],
         f"| s/step, median | {s_trl['median']:.2f} | {s_gk['median']:.2f} | **{s_trl['median'] / s_gk['median']:.2f}x** |",
         f"| s/step, min - max | {s_trl['min']:.2f} - {s_trl['max']:.2f} | {s_gk['min']:.2f} - {s_gk['max']:.2f} | |",
         f"| s/step, IQR | {s_trl['q1']:.2f} - {s_trl['q3']:.2f} | {s_gk['q1']:.2f} - {s_gk['q3']:.2f} | |",
-        f"| generated tokens/s | {s_trl['tok_s']:.1f} | {s_gk['tok_s']:.1f} | {s_trl['tok_s'] / s_gk['tok_s']:.2f}x |",
+        f"| generated tokens/s (higher is better) | {s_trl['tok_s']:.1f} | {s_gk['tok_s']:.1f} | {s_trl['tok_s'] / s_gk['tok_s']:.2f}x |",
         f"| generated tokens/step, mean | {s_trl['mean_len']:.0f} | {s_gk['mean_len']:.0f} | |",
         f"| peak RSS (MiB) | {s_trl['rss_mib']:.0f} | {s_gk['rss_mib']:.0f} | {s_trl['rss_mib'] / s_gk['rss_mib']:.2f}x |",
         f"| mean reward (sanity) | {s_trl['reward']:.3f} | {s_gk['reward']:.3f} | |",
