@@ -4,13 +4,10 @@ Shapes: B sequences on this rank (= prompts x G), T response tokens, P prompt to
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +119,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None) -> Context:
     wrapped = dist.wrap(model, cfg.dist.strategy, device)
     rollout_model = model
     if cfg.dist.strategy == "fsdp2" and dist.is_distributed():
-        rollout_model = ref_model(_full_copy_source(model))  # an unsharded copy, re-synced every step
+        rollout_model = ref_model(model)  # an unsharded copy, re-synced every step
     autocast = autocast_context(device, cfg.model.precision)
     sampler = Sampler(rollout_model, tokenizer, device=device, autocast_dtype=cfg.model.precision)
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -142,10 +139,6 @@ def setup(cfg: Config, *, resume: str | Path | None = None) -> Context:
         restore(ctx, resume)
     ctx.logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=ctx.state["step"], enabled=dist.is_main())
     return ctx
-
-
-def _full_copy_source(model: torch.nn.Module) -> torch.nn.Module:
-    return model
 
 
 class AdapterOff:
@@ -374,7 +367,7 @@ def global_sequence_advantages(ctx: Context, rewards: torch.Tensor, group_ids: t
     return sequence_advantages(all_r, all_g, cfg=ctx.cfg.algo)[start : start + len(rewards)]  # [B]
 
 
-def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> tuple[Batch, list[torch.Tensor]]:
+def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> Batch:
     """Old/ref log-probs (recomputed by the trainer, SPEC 0), KL-in-reward, advantages, credit."""
     a, G = ctx.cfg.algo, ctx.cfg.rollout.group_size
     resp_mask = roll.response_mask.bool()  # [B, T]
@@ -396,7 +389,7 @@ def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> tuple[B
             batch.rewards = batch.rewards - a.beta * ((batch.old_logp - batch.ref_logp) * resp_mask).sum(1)
     batch.seq_adv = global_sequence_advantages(ctx, batch.rewards, batch.group_ids)  # [B]
     batch.token_adv = token_credit(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp, ref_logp=batch.ref_logp)
-    return batch, micro
+    return batch
 
 
 def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
@@ -512,7 +505,7 @@ def train_step(ctx: Context) -> dict[str, float]:
     t0 = time.perf_counter()
     rows, roll, sc, info = rollout_and_score(ctx)
     t1 = time.perf_counter()
-    batch, _ = build_batch(ctx, roll, sc, ctx.cfg.train.micro_batch_size)
+    batch = build_batch(ctx, roll, sc, ctx.cfg.train.micro_batch_size)
     t2 = time.perf_counter()
     upd, credit = update(ctx, batch)
     t3 = time.perf_counter()

@@ -92,7 +92,7 @@ def _grads_after_update(warm_tiny: str, tmp_path: Path, name: str, loss: str, ag
     ctx = setup(cfg)
     torch.manual_seed(0)
     _, roll, sc, _ = rollout_and_score(ctx)
-    batch, _ = build_batch(ctx, roll, sc, 12)
+    batch = build_batch(ctx, roll, sc, 12)
     # perturb the policy so ratios differ from 1 and clipping is exercised
     batch.old_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=torch.Generator().manual_seed(1)) * batch.response_mask
     update(ctx, batch)
