@@ -81,7 +81,7 @@ class Sampler:
         top_p: float = 1.0,
         top_k: int = 0,
         stop_strings: Sequence[str] = (),
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Rollout:
         """Sample one response per prompt (repeat a prompt G times for a group).
 
@@ -93,7 +93,9 @@ class Sampler:
             top_k: keep only the k most likely tokens; 0 disables it.
             stop_strings: a response also ends at the token that completes one of these strings; the token
                 stays in ``response_ids`` / ``response_mask`` and the text is cut before the string.
-            generator: a ``torch.Generator`` on ``device`` for reproducible sampling.
+            generator: a ``torch.Generator`` for reproducible sampling, or a list of B generators, one per
+                row: row i then draws only from its own generator, so its tokens do not depend on which other
+                rows share the batch (how the trainer makes rollouts identical on 1 or N ranks).
 
         Returns:
             a `Rollout` (see its docstring for shapes). ``logprobs`` are under the full temperature-scaled
@@ -101,6 +103,8 @@ class Sampler:
             teacher-forced forward (`grpokit.rollout.logprobs.token_logprobs`) gives at the same temperature.
         """
         _check_args(prompt_ids, max_new_tokens, temperature, top_p, top_k)
+        if isinstance(generator, (list, tuple)) and len(generator) != len(prompt_ids):
+            raise ValueError(f"got {len(generator)} per-row generators for {len(prompt_ids)} prompts; pass one per prompt")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -139,9 +143,11 @@ class Sampler:
         cache = make_rollout_cache(self.model, plen + n_new)
 
         logits = self._prefill(prompt_ids, prompt, prompt_mask, cache)  # [B, V]
+        per_row = isinstance(generator, (list, tuple))
         for t in range(n_new):
+            gen = [generator[i] for i in rows.tolist()] if per_row else generator
             tokens, logp = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
             )  # [b], [b]
             out_ids[rows, t] = tokens
             out_logp[rows, t] = logp

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+#: A sampling source: one generator for the batch, one generator per row, or None (torch's global one).
+Generators = "torch.Generator | list[torch.Generator] | None"
+
 #: Top-p without top-k first looks at the `TOP_P_CANDIDATES` most likely tokens (a ``topk`` instead of a
 #: full sort); only when they hold less than ``top_p`` of the mass in some row does it sort everything.
 TOP_P_CANDIDATES = 256
@@ -30,12 +33,13 @@ def sample_next(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of ``logits`` [b, V]; returns ``(tokens [b] int64, logprob [b] float32)``.
 
     ``temperature == 0`` (and ``top_k == 1``) is greedy; the greedy log-prob is taken at temperature 1
-    (resp. ``temperature``).
+    (resp. ``temperature``). ``generator`` is one ``torch.Generator`` for the whole batch, a list of b
+    generators (one per row: row i's draw depends on row i's generator alone), or None.
     """
     scaled = logits.float()  # [b, V]
     if temperature > 0 and temperature != 1.0:
@@ -49,14 +53,24 @@ def sample_next(
     return tokens, logprob
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def uniforms(b: int, generator: Generators, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """b uniform draws in [0, 1) as a [b, 1] tensor: from one generator, or one draw from each of b."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"got {len(generator)} per-row generators for {b} rows")
+        draws = [torch.rand((1, 1), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(draws).to(device) if draws else torch.zeros((0, 1), device=device, dtype=dtype)  # [b, 1]
+    return torch.rand((b, 1), generator=generator, device=device, dtype=dtype)  # [b, 1]
+
+
+def sample_from(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Draw one index per row of ``probs`` [b, k] (non-negative, any row sum > 0) by inverse CDF; [b] int64.
 
     A zero-probability index is never drawn: its CDF interval is empty.
     """
     cdf = probs.cumsum(dim=-1)  # [b, k], non-decreasing
     total = cdf[:, -1:]  # [b, 1]
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)  # [b, 1]
+    u = uniforms(probs.shape[0], generator, device=probs.device, dtype=cdf.dtype)  # [b, 1]
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [b, 1], < total
     idx = torch.searchsorted(cdf, target, right=True)  # [b, 1]: first index whose CDF exceeds the target
     return idx.clamp_max(probs.shape[-1] - 1).squeeze(-1)  # [b]
@@ -67,7 +81,7 @@ def _sample_filtered(
     *,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> torch.Tensor:
     if not 0 < top_k < probs.shape[-1] and top_p >= 1.0:
         return sample_from(probs, generator)  # [b]

@@ -4,6 +4,7 @@ Shapes: B sequences on this rank (= prompts x G), T response tokens, P prompt to
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -67,7 +68,6 @@ class Context:
     sampler: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    generator: torch.Generator
     data_rng: random.Random
     autocast: Any
     logger: MetricsLogger | None = None
@@ -127,12 +127,11 @@ def setup(cfg: Config, *, resume: str | Path | None = None) -> Context:
                                   weight_decay=cfg.train.weight_decay, foreach=False)
     warm = max(cfg.train.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + dist.rank())
     ctx = Context(
         cfg=cfg, run_dir=run_dir, device=device, model=wrapped, base=model, rollout_model=rollout_model,
         tokenizer=tokenizer, ref=ref, task=get_task(cfg.data.task, **cfg.data.task_options),
         rewards=build_rewards(cfg), sampler=sampler, optimizer=optimizer, scheduler=scheduler,
-        generator=generator, data_rng=random.Random(cfg.train.seed), autocast=autocast,
+        data_rng=random.Random(cfg.train.seed), autocast=autocast,
         state={"step": 0, "nonfinite_streak": 0, "nonfinite_total": 0},
     )
     if resume:
@@ -185,7 +184,7 @@ def save(ctx: Context) -> Path | None:
     path = None
     if dist.is_main():
         path = ckpt.save_checkpoint(ctx.run_dir, ctx.state["step"], model_state=m, optim_state=o,
-                                    generator=ctx.generator, state=state, keep_last=ctx.cfg.train.keep_last)
+                                    generator=None, state=state, keep_last=ctx.cfg.train.keep_last)
     dist.barrier()
     return path
 
@@ -197,7 +196,7 @@ def restore(ctx: Context, resume: str | Path) -> None:
         if found is None:
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
         path = found
-    m, o, state = ckpt.load_checkpoint(path, ctx.generator)
+    m, o, state = ckpt.load_checkpoint(path, None)
     if ctx.cfg.dist.strategy == "fsdp2" and dist.is_distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
@@ -211,9 +210,8 @@ def restore(ctx: Context, resume: str | Path) -> None:
     ctx.data_rng.setstate(ckpt._tuple(state["data_rng"]))
     if state.get("task") is not None and hasattr(ctx.task, "load_state_dict"):
         ctx.task.load_state_dict(state["task"])
-    if state.get("world_size", 1) != dist.world_size():
-        # the sampling generator is per rank; on a new world size each rank re-derives its own
-        ctx.generator.manual_seed(ctx.cfg.train.seed * 1_000_003 + dist.rank() + 7919 * state["step"])
+    # sampling needs no saved generator: each row's is derived from (seed, step, global row), so a run
+    # resumes on the same or another world size with the rollouts it would have drawn
     for k in ("step", "nonfinite_streak", "nonfinite_total", "eval_before"):
         ctx.state[k] = state.get(k, ctx.state.get(k))
 
@@ -252,6 +250,21 @@ def sample_rows(ctx: Context, n_prompts: int) -> list[dict[str, Any]]:
     """This rank's share of `n_prompts` prompts; every rank draws the same global list and slices it."""
     rows = ctx.task.sample(n_prompts, ctx.data_rng)
     return rows[dist.rank() :: dist.world_size()]
+
+
+def row_seed(seed: int, step: int, round_: int, row: int) -> int:
+    """The sampling seed of one global rollout row: a hash of (run seed, step, dynamic-sampling round, row)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{round_}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: a valid manual_seed
+
+
+def row_generators(ctx: Context, n_prompts: int, round_: int) -> list[torch.Generator]:
+    """One sampling generator per row of this rank's rollout batch (n_prompts x G rows), seeded from the
+    row's *global* index, so a row draws the same tokens on 1 rank or N and whatever shares its batch."""
+    G, W, r = ctx.cfg.rollout.group_size, dist.world_size(), dist.rank()
+    step, seed = ctx.state["step"], ctx.cfg.train.seed
+    return [torch.Generator(device=ctx.device).manual_seed(row_seed(seed, step, round_, (r + i * W) * G + j))
+            for i in range(n_prompts) for j in range(G)]
 
 
 def encode(ctx: Context, rows: list[dict[str, Any]]) -> list[list[int]]:
@@ -304,12 +317,13 @@ def rollout_and_score(ctx: Context) -> tuple[list[dict[str, Any]], Any, Scores, 
     info = {"time/rollout": 0.0, "time/reward": 0.0, "dynamic/rounds": 0.0}
     n_kept = 0
     while True:
-        rows, _ = expand_groups(sample_rows(ctx, c.rollout.prompts_per_step), G)
+        prompts = sample_rows(ctx, c.rollout.prompts_per_step)
+        rows, _ = expand_groups(prompts, G)
         t0 = time.perf_counter()
         roll = ctx.sampler.generate(
             encode(ctx, rows), max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
             top_p=c.rollout.top_p, top_k=c.rollout.top_k, stop_strings=tuple(c.rollout.stop_strings),
-            generator=ctx.generator,
+            generator=row_generators(ctx, len(prompts), int(info["dynamic/rounds"])),
         )
         t1 = time.perf_counter()
         sc = score(ctx, rows, roll)
