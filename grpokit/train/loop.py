@@ -116,10 +116,10 @@ def setup(cfg: Config, *, resume: str | Path | None = None) -> Context:
         model.config.use_cache = False
     if cfg.algo.beta > 0:  # beta = 0 never loads a reference model (SPEC 4)
         ref = AdapterOff(model) if cfg.model.lora_r > 0 else ref_model(model).to(device)
-    wrapped = dist.wrap(model, cfg.dist.strategy, device)
     rollout_model = model
     if cfg.dist.strategy == "fsdp2" and dist.is_distributed():
-        rollout_model = ref_model(model)  # an unsharded copy, re-synced every step
+        rollout_model = ref_model(model)  # an unsharded copy for sampling (made before sharding), re-synced every step
+    wrapped = dist.wrap(model, cfg.dist.strategy, device)
     autocast = autocast_context(device, cfg.model.precision)
     sampler = Sampler(rollout_model, tokenizer, device=device, autocast_dtype=cfg.model.precision)
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -419,7 +419,9 @@ def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
     norm_const = float(c.algo.norm_const or c.rollout.max_new_tokens)
     lengths = batch.attention_mask.sum(1)  # [B]
     grad_norms, skipped, losses = [], 0, []
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    # the optimizer's own list: under FSDP2, model.parameters() lists the root's unsharded tensors between a
+    # forward and its backward, which never receive the (sharded) gradients
+    params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
     for mb in torch.arange(B).chunk(c.train.updates_per_rollout):
         counts = dist.all_reduce_sum([float(batch.loss_mask[mb].sum()), float(len(mb))])
         n_tok, n_seq = max(float(counts[0]), 1.0), float(counts[1])
