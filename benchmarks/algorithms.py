@@ -179,7 +179,7 @@ def warm_model(task_name: str, sft_cfg: dict[str, Any], cache: Path) -> tuple[st
     path = cache / f"{task_name}-{digest}"
     meta_path = path / "bench_meta.json"
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = {**json.loads(meta_path.read_text()), "cached": True}
         log(f"warm model {task_name}: cached {path}")
         return str(path), meta
     task = get_task(spec, **options)
@@ -545,11 +545,11 @@ def verdict_lines(agg: dict[str, Any], tasks: list[str], methods: list[str]) -> 
     return out
 
 
-def settings_block(args: argparse.Namespace, c: dict[str, Any], sft_cfg: dict[str, Any], runs: list[dict[str, Any]],
+def settings_block(steps: int, c: dict[str, Any], sft_cfg: dict[str, Any], runs: list[dict[str, Any]],
                    methods: list[str], tasks: list[str]) -> list[str]:
     lines = ["Shared by every method (overriding the recipes): "
              + ", ".join(f"{k} = {v}" for k, v in c.items())
-             + f", steps = {args.steps}, model.precision = fp32, train.threads = 1, device = cpu, "
+             + f", steps = {steps}, model.precision = fp32, train.threads = 1, device = cpu, "
                f"grad_clip = 1.0 (default), AdamW betas (0.9, 0.99), no warm-up.", "",
              "Per method, from its recipe (recipes/<method>.toml), with the length-dependent constants rescaled:", ""]
     for m in methods:
@@ -569,20 +569,52 @@ def settings_block(args: argparse.Namespace, c: dict[str, Any], sft_cfg: dict[st
     return lines
 
 
-def write_markdown(path: Path, args: argparse.Namespace, info: dict[str, Any], agg: dict[str, Any],
-                   runs: list[dict[str, Any]], warm: dict[str, Any], c: dict[str, Any], sft_cfg: dict[str, Any],
-                   tasks: list[str], methods: list[str], wall: float, command: str) -> str:
+def wall_text(result: dict[str, Any]) -> str:
+    sft = result.get("sft_build_s", 0.0)
+    return (f"{result['wall_s'] / 60:.1f} min" + (f", of which {sft / 60:.1f} min built the SFT warm models, cached for reruns"
+                                                  if sft > 0 else ", warm models from the cache"))
+
+
+def limits_lines(result: dict[str, Any]) -> list[str]:
+    """What this setting can and cannot test, with the measured numbers that show it."""
+    agg, tasks = result["aggregate"], result["task_names"]
+
+    def vals(m: str, key: str) -> str:
+        return ", ".join(f"{t} {agg[t][m][key]:.4f}" for t in tasks if m in agg.get(t, {}) and agg[t][m].get(key) is not None)
+
+    lens = [a["len_last"] for t in tasks for a in agg.get(t, {}).values() if a.get("len_last") is not None]
+    span = f" (mean rollout length {min(lens):.1f}-{max(lens):.1f} tokens)" if lens else ""
+    out = [f"What this can and cannot test: answers here are 1-2 digits plus EOS{span}, so every mechanism that "
+           "acts along long responses has almost nothing to act on."]
+    if vals("fipo", "fipo_weight_mean"):
+        out[-1] += (f" FIPO's Future-KL weights (clipped to [1, 1.2], half-life 32 tokens) averaged "
+                    f"{vals('fipo', 'fipo_weight_mean')} (mean `fipo/weight`): FIPO acted, but only barely, so this is "
+                    f"no test of its long-reasoning claim.")
+    if vals("frpo", "frpo_shift_abs_mean"):
+        out[-1] += (f" FRPO's KL-to-go moved the token advantages by {vals('frpo', 'frpo_shift_abs_mean')} on average "
+                    f"(`credit/shift_abs_mean`, against advantages of order 1).")
+    out[-1] += (" Dr. GRPO's length-bias fix and DAPO's overlong shaping need varied lengths, and the lengths here "
+                "barely vary. What the table does test is each recipe as a drop-in replacement for GRPO on short "
+                "verifiable answers at equal steps; DAPO's extra rollout rounds are extra compute, shown in the "
+                "tokens column.")
+    return out
+
+
+def write_markdown(path: Path, result: dict[str, Any]) -> str:
+    tasks, methods, runs, agg = result["task_names"], result["method_names"], result["runs"], result["aggregate"]
+    c, sft_cfg, warm, info, command = result["common"], result["sft"], result["warm_models"], result["machine"], result["command"]
+    seeds, steps = result["seeds"], result["steps"]
     tbl = table(agg, tasks, methods)
     lines = [
         "# Algorithms at equal compute", "",
-        f"Command: `{command}` (wall time {wall / 60:.1f} min, everything in one process).", "",
+        f"Command: `{command}` (wall time {wall_text(result)}; every run in one process).", "",
         f"Machine: {info['cores']}-core {info['cpu']} ({info['platform']}), Python {info['python']}, "
         f"torch {info['torch']}, transformers {info['transformers']}, 1 torch thread, fp32, CPU. The machine was "
         f"shared with another engineer's test runs (load average {info['loadavg_start'][0]:.1f} at the start, "
         f"{info.get('loadavg_end', [float('nan')])[0]:.1f} at the end), so times are indicative only. grpokit at "
         f"git {info['git_head']} with the working tree as imported at the start (sha256/12 of "
         + ", ".join(f"{k}: {v}" for k, v in info["sha256_12"].items()) + ").", "",
-        f"Seeds: {args.seeds}. Tasks: {tasks}. Methods: {[LABELS[m] for m in methods]}. Steps: {args.steps}.", "",
+        f"Seeds: {seeds}. Tasks: {tasks}. Methods: {[LABELS[m] for m in methods]}. Steps: {steps}.", "",
         tbl, "",
         "Reading the table:", "",
         "- held-out: greedy accuracy on the task's 50 held-out problems before (the warm model) and after "
@@ -604,8 +636,9 @@ def write_markdown(path: Path, args: argparse.Namespace, info: dict[str, Any], a
         "(the trainer's `tokens/generated`). wall: the whole run including the before/after held-out evals.", "",
         "Verdicts (FIPO and FRPO are the ones with claims beyond GRPO):", "",
         *verdict_lines(agg, tasks, methods), "",
+        *limits_lines(result), "",
         "## Settings", "",
-        *settings_block(args, c, sft_cfg, runs, methods, tasks), "",
+        *settings_block(steps, c, sft_cfg, runs, methods, tasks), "",
         "Warm models: " + "; ".join(f"{t}: SFT loss {w['sft_loss_first']:.2f} -> {w['sft_loss_last20']:.3f} "
                                      f"(mean of last 20 steps), {w['frac_sft_answers_right']:.2f} of the SFT answers right"
                                      for t, w in warm.items()) + ".", "",
@@ -696,7 +729,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=None)
     p.add_argument("--cache", type=Path, default=None, help="warm-model cache (default ~/.cache/grpokit/bench)")
     p.add_argument("--update-readme", action="store_true", help=f"replace the '{README_SECTION}' section of benchmarks/README.md")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only re-render algorithms.md / the plots (and --update-readme) from an existing algorithms.json")
     args = p.parse_args(argv)
+    if args.render is not None:
+        out = args.out or args.render.parent
+        render(json.loads(args.render.read_text()), out, args.update_readme)
+        return 0
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 2
         args.tasks = (args.tasks or DEFAULT_TASKS)[:1]
@@ -735,8 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     warm: dict[str, Any] = {}
     try:
         for t in tasks:
+            t_w = time.perf_counter()
             model_dir, meta = warm_model(t, sft_cfg, cache)
-            warm[t] = {**meta, "path": model_dir}
+            warm[t] = {**meta, "path": model_dir, "built_s": 0.0 if meta.get("cached") else time.perf_counter() - t_w}
             # the warm model's per-problem held-out accuracy (greedy; and avg@k at T=1), shared by every run
             from grpokit.config import load_config
             from grpokit.data import get_task
@@ -766,34 +806,43 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp_runs, ignore_errors=True)
     wall = time.perf_counter() - t_all
     info["loadavg_end"] = os.getloadavg()
-    agg = aggregate(runs, tasks, methods)
-    tbl = write_markdown(out / "algorithms.md", args, info, agg, runs, warm, c, sft_cfg, tasks, methods, wall, command)
-    (out / "algorithms.json").write_text(json.dumps({
-        "command": command, "wall_s": wall, "machine": info, "common": c, "steps": args.steps, "seeds": args.seeds,
-        "tasks": {t: TASK_SPECS[t] for t in tasks}, "methods": {m: METHODS[m] for m in methods}, "sft": sft_cfg,
-        "warm_models": warm, "instrumentation": tally.ok, "aggregate": agg, "runs": runs,
-    }, indent=1, default=float))
+    result = {
+        "command": command, "wall_s": wall, "sft_build_s": sum(w.get("built_s", 0.0) for w in warm.values()),
+        "machine": info, "common": c, "steps": args.steps, "seeds": args.seeds, "task_names": tasks,
+        "method_names": methods, "tasks": {t: TASK_SPECS[t] for t in tasks}, "methods": {m: METHODS[m] for m in methods},
+        "sft": sft_cfg, "warm_models": warm, "instrumentation": tally.ok,
+        "aggregate": aggregate(runs, tasks, methods), "runs": runs,
+    }
+    (out / "algorithms.json").write_text(json.dumps(result, indent=1, default=float))
+    render(result, out, args.update_readme)
+    return 0
+
+
+def render(result: dict[str, Any], out: Path, readme: bool) -> None:
+    """algorithms.md, the plots and (optionally) the README section, from the algorithms.json content."""
+    tasks, methods, runs, agg = result["task_names"], result["method_names"], result["runs"], result["aggregate"]
+    c, wall, command, info = result["common"], result["wall_s"], result["command"], result["machine"]
+    tbl = write_markdown(out / "algorithms.md", result)
     for t in tasks:
         plot(out / f"algorithms_{t}.png", t, runs, agg, methods)
     print(tbl)
     print("\n".join(verdict_lines(agg, tasks, methods)))
-    log(f"done in {wall / 60:.1f} min; wrote {out / 'algorithms.md'}, algorithms.json, "
-        + ", ".join(f"algorithms_{t}.png" for t in tasks))
-    if args.update_readme:
+    log(f"wrote {out / 'algorithms.md'}, algorithms.json, " + ", ".join(f"algorithms_{t}.png" for t in tasks)
+        + f" (benchmark wall time {wall / 60:.1f} min)")
+    if readme:
         body = [f"`benchmarks/algorithms.py` trains GRPO, Dr. GRPO, DAPO, FIPO and FRPO from their bundled recipes at "
                 f"equal compute (same SFT-warmed tiny character model, {c['prompts_per_step']} prompts x G = "
-                f"{c['group_size']}, {c['max_new_tokens']} new tokens, {args.steps} steps, lr {c['lr']}, "
-                f"{c['updates_per_rollout']} updates per rollout) on two built-in tasks, seeds {args.seeds}, and "
-                f"compares held-out greedy accuracy gains with 95% bootstrap intervals (seeds x problems). Full "
-                f"settings, per-run numbers and plots: `benchmarks/results/algorithms.md`, `algorithms.json`, "
-                f"`algorithms_<task>.png`.", "",
-                f"Command: `{command}` ({wall / 60:.1f} min). Machine: {info['cores']}-core {info['cpu']}, torch "
-                f"{info['torch']}, transformers {info['transformers']}, 1 torch thread, fp32; shared with other jobs "
-                f"while it ran.", "", tbl, "", *verdict_lines(agg, tasks, methods)]
+                f"{c['group_size']}, {c['max_new_tokens']} new tokens, {result['steps']} steps, lr {c['lr']}, "
+                f"{c['updates_per_rollout']} updates per rollout) on two built-in tasks (single-digit `arith` "
+                f"addition and multiplication), seeds {result['seeds']}, and compares held-out greedy accuracy gains "
+                f"with 95% bootstrap intervals (seeds x problems). Full settings, per-run numbers and plots: "
+                f"`benchmarks/results/algorithms.md`, `algorithms.json`, `algorithms_<task>.png`.", "",
+                f"Command: `{command}` ({wall_text(result)}). Machine: {info['cores']}-core {info['cpu']}, torch "
+                f"{info['torch']}, transformers {info['transformers']}, 1 torch thread, fp32; shared with another "
+                f"engineer's test runs while it ran.", "", tbl, "", *verdict_lines(agg, tasks, methods), "",
+                *limits_lines(result)]
         update_readme("\n".join(body))
         log(f"updated {README}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,6 +100,8 @@ class TrainConfig:
     updates_per_rollout: int = doc("Optimizer steps (mini-batches) per rollout batch. FIPO needs >= 2 to act.", 1)
     micro_batch_size: int = doc("Sequences per forward/backward micro-batch (gradient accumulation).", 16)
     max_tokens_per_microbatch: int = doc("Pack micro-batches by token count instead of micro_batch_size (0 = off).", 0)
+    pack_prompts: bool = doc("Score each group's shared prompt once (one packed sequence per group with a block attention mask) where it costs less than scoring every row; same log-probs to float rounding.", True)
+    old_logprobs: str = doc("Old-policy log-probs: 'auto' (with updates_per_rollout = 1 the policy has not moved since sampling, so no separate pass: the ratio uses the detached current log-probs, as TRL does) or 'recompute' (always a separate forward pass, verl's default).", "auto")
     lr: float = doc("AdamW learning rate.", 1e-6)
     weight_decay: float = doc("AdamW weight decay.", 0.0)
     betas: list[float] = doc("AdamW betas.", factory=lambda: [0.9, 0.99])
@@ -266,6 +268,7 @@ def validate(cfg: Config) -> list[str]:
         "model.precision": (cfg.model.precision, ("auto", "bf16", "fp32")),
         "dist.strategy": (cfg.dist.strategy, ("none", "ddp", "fsdp2")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
+        "train.old_logprobs": (t.old_logprobs, ("auto", "recompute")),
     }
     for where, (value, valid) in choices.items():
         if value not in valid:

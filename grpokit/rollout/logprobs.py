@@ -85,3 +85,124 @@ def token_logprobs(
         probs = (logits - lse[..., None]).exp()  # [B, T, V]
         entropy = (lse - (probs * logits).sum(dim=-1)) * mask  # [B, T]
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------- shared-prompt packing
+
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> list[tuple[int, int]]:
+    """Runs of consecutive rows with the same (left-padded) prompt: [(first row, count), ...]."""
+    P = input_ids.shape[1] - response_len
+    key = torch.where(attention_mask[:, :P].bool(), input_ids[:, :P], -1)  # [B, P]
+    same = (key[1:] == key[:-1]).all(dim=1).tolist() if len(key) > 1 else []  # [B-1]
+    runs: list[tuple[int, int]] = [(0, 1)]
+    for i, s in enumerate(same, start=1):
+        runs[-1:] = [(runs[-1][0], runs[-1][1] + 1)] if s else [runs[-1], (i, 1)]
+    return runs
+
+
+def packing_pays(groups: list[tuple[int, int]], prompt_len: int, response_len: int) -> bool:
+    """Pack only when some prompt is shared and the packed attention (one (P + M*T)^2 block per group) costs
+    no more than the unpacked one (B blocks of (P+T)^2): long responses in big groups stay unpacked."""
+    n, b, m = len(groups), sum(c for _, c in groups), max(c for _, c in groups)
+    return n < b and n * (prompt_len + m * response_len) ** 2 <= b * (prompt_len + response_len) ** 2
+
+
+def packed_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, groups: list[tuple[int, int]],
+    pad_id: int, mask_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay each group out as one sequence: its prompt once, then its M responses side by side.
+
+    Returns ``(ids [n, Q], position_ids [n, Q], mask4d [n, 1, Q, Q], keep [K], rows [B, T] index into the
+    kept positions)``, Q = P + M*T, K = 1 + M*(T-1). A response token sees its prompt's real tokens and the
+    earlier tokens of its own response, at the positions it has in the unpacked sequence, so its logits
+    equal the unpacked ones. ``mask4d`` is bool (True = attend) or, with ``mask_dtype``, additive.
+    """
+    B, L = input_ids.shape
+    T, P = response_len, L - response_len
+    n, M = len(groups), max(c for _, c in groups)
+    dev = input_ids.device
+    Q = P + M * T
+    first = torch.tensor([s for s, _ in groups], device=dev)  # [n]
+    counts = torch.tensor([c for _, c in groups], device=dev)  # [n]
+    slot = torch.arange(M, device=dev)  # [M]
+    row_of = (first[:, None] + slot[None, :]).clamp(max=B - 1)  # [n, M]: the batch row in each slot
+    real_slot = slot[None, :] < counts[:, None]  # [n, M]
+    prompt_mask = attention_mask[first, :P].bool()  # [n, P]
+    resp = input_ids[row_of, P:]  # [n, M, T]
+    resp_mask = attention_mask[row_of, P:].bool() & real_slot[..., None]  # [n, M, T]
+    ids = torch.cat([input_ids[first, :P], torch.where(resp_mask, resp, pad_id).reshape(n, M * T)], dim=1)  # [n, Q]
+    plen = prompt_mask.sum(1)  # [n]
+    prompt_pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)  # [n, P]
+    resp_pos = plen[:, None, None] + torch.arange(T, device=dev)[None, None, :]  # [n, 1, T]
+    pos = torch.cat([prompt_pos, resp_pos.expand(n, M, T).reshape(n, M * T)], dim=1)  # [n, Q]
+    # block id (-1 prompt, j response slot) and offset of every packed position
+    block = torch.cat([torch.full((P,), -1, device=dev), slot.repeat_interleave(T)])  # [Q]
+    offset = torch.cat([torch.arange(P, device=dev), torch.arange(T, device=dev).repeat(M)])  # [Q]
+    q_blk, k_blk = block[:, None], block[None, :]  # [Q, 1], [1, Q]
+    earlier = offset[None, :] <= offset[:, None]  # [Q, Q]
+    to_prompt = (k_blk == -1) & ((q_blk >= 0) | earlier)  # [Q, Q]
+    own = (k_blk == q_blk) & (q_blk >= 0) & earlier  # [Q, Q]
+    key_real = torch.cat([prompt_mask, torch.ones(n, M * T, dtype=torch.bool, device=dev)], dim=1)  # [n, Q]
+    allowed = ((to_prompt[None] & key_real[:, None, :]) | own[None]) | torch.eye(Q, dtype=torch.bool, device=dev)[None]  # [n, Q, Q]
+    mask4d = allowed[:, None]  # [n, 1, Q, Q]
+    if mask_dtype is not None:
+        mask4d = torch.zeros(mask4d.shape, dtype=mask_dtype, device=dev).masked_fill(~mask4d, torch.finfo(mask_dtype).min)
+    keep = torch.cat([torch.tensor([P - 1], device=dev),
+                      (P + slot[:, None] * T + torch.arange(T - 1, device=dev)[None, :]).reshape(-1)])  # [K]
+    # kept-position index of each (slot, token): token 0 from the prompt's last position, token k from k-1
+    tok = torch.arange(T, device=dev)  # [T]
+    slot_idx = torch.where(tok[None, :] == 0, 0, 1 + slot[:, None] * (T - 1) + tok[None, :] - 1)  # [M, T]
+    slot_of_row = torch.cat([torch.arange(c, device=dev) for _, c in groups])  # [B]
+    rows = slot_idx[slot_of_row]  # [B, T]
+    return ids, pos, mask4d, keep, rows
+
+
+def packed_token_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
+    temperature: float = 1.0, return_entropy: bool = False, pad_id: int = 0,
+    groups: list[tuple[int, int]] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` with each group's shared prompt run once (one packed sequence per group, a block
+    attention mask); same inputs, same outputs (to float rounding), fewer tokens through the model.
+
+    Rows sharing a prompt must be consecutive (a GRPO batch is). Needs a model that takes a 4D attention
+    mask and a tensor ``logits_to_keep`` (Hugging Face Llama-family models with sdpa or eager attention).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for scoring, got {temperature}; use 1.0 for greedy rollouts")
+    groups = groups or prompt_groups(input_ids, attention_mask, response_len)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    mask_dtype = None if impl == "sdpa" else next(model.parameters()).dtype
+    ids, pos, mask4d, keep, rows = packed_inputs(input_ids, attention_mask, response_len, groups, pad_id, mask_dtype)
+    out = model(input_ids=ids, attention_mask=mask4d, position_ids=pos, use_cache=False, logits_to_keep=keep)
+    logits = out.logits.float()  # [n, K, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    group_of_row = torch.cat([torch.full((c,), g, device=ids.device) for g, (_, c) in enumerate(groups)])  # [B]
+    sel = logits[group_of_row[:, None], rows]  # [B, T, V]
+    targets = input_ids[:, -response_len:]  # [B, T]
+    mask = attention_mask[:, -response_len:].bool()  # [B, T]
+    lse = sel.logsumexp(dim=-1)  # [B, T]
+    logp = (sel.gather(-1, targets[..., None]).squeeze(-1) - lse) * mask  # [B, T]
+    if not return_entropy:
+        return logp
+    with torch.no_grad():
+        probs = (sel - lse[..., None]).exp()  # [B, T, V]
+        entropy = (lse - (probs * sel).sum(dim=-1)) * mask  # [B, T]
+    return logp, entropy
+
+
+def score_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
+    temperature: float = 1.0, return_entropy: bool = False, pack: bool = True, pad_id: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's scoring call: packed (`packed_token_logprobs`) where prompts are shared and packing
+    pays (`packing_pays`), else `token_logprobs`. Same contract as `token_logprobs`."""
+    if pack and accepts_logits_to_keep(model) and input_ids.shape[1] > response_len:
+        groups = prompt_groups(input_ids, attention_mask, response_len)
+        if packing_pays(groups, input_ids.shape[1] - response_len, response_len):
+            return packed_token_logprobs(model, input_ids, attention_mask, response_len, temperature=temperature,
+                                         return_entropy=return_entropy, pad_id=pad_id, groups=groups)
+    return token_logprobs(model, input_ids, attention_mask, response_len, temperature=temperature,
+                          return_entropy=return_entropy)

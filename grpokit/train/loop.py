@@ -350,19 +350,31 @@ def rollout_and_score(ctx: Context) -> tuple[list[dict[str, Any]], Any, Scores, 
     return rows, roll, sc, info
 
 
+def score_tokens(ctx: Context, module: Any, sub: Batch, *, entropy: bool = False) -> Any:
+    """Teacher-forced log-probs [b, T'] (and entropies) of a micro-batch's responses under `module`."""
+    from grpokit.rollout.logprobs import score_logprobs
+
+    with ctx.autocast:
+        return score_logprobs(module, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device), sub.response_len,
+                              temperature=ctx.cfg.rollout.temperature, return_entropy=entropy,
+                              pack=ctx.cfg.train.pack_prompts, pad_id=ctx.tokenizer.pad_token_id)
+
+
+def recompute_old_logprobs(ctx: Context) -> bool:
+    """Whether the old-policy log-probs need their own pass (SPEC 0): not when the only update of a rollout
+    starts from the sampling policy, where old = the detached current log-probs."""
+    return ctx.cfg.train.old_logprobs == "recompute" or ctx.cfg.train.updates_per_rollout > 1
+
+
 def logprob_pass(ctx: Context, module: Any, batch: Batch, micro: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs and entropies of all response tokens, no grad: [B, T] each."""
-    from grpokit.rollout.logprobs import token_logprobs
-
     B, T = batch.response_mask.shape
     logp = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
     ent = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
     with torch.no_grad():
         for idx in micro:
             sub = batch.select(idx)
-            with ctx.autocast:
-                lp, en = token_logprobs(module, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device),
-                                        sub.response_len, temperature=ctx.cfg.rollout.temperature, return_entropy=True)
+            lp, en = score_tokens(ctx, module, sub, entropy=True)
             t = sub.response_len
             logp[idx, :t] = lp.float().cpu() * sub.response_mask  # [b, T']
             ent[idx, :t] = en.float().cpu() * sub.response_mask  # [b, T']
@@ -396,7 +408,10 @@ def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> Batch:
     )
     micro = plan_microbatches(batch.attention_mask.sum(1), micro_batch_size=micro_size,
                               max_tokens=ctx.cfg.train.max_tokens_per_microbatch)
-    batch.old_logp, batch.entropy = logprob_pass(ctx, ctx.model, batch, micro)
+    if recompute_old_logprobs(ctx):
+        batch.old_logp, batch.entropy = logprob_pass(ctx, ctx.model, batch, micro)
+    else:  # the sampler's log-probs stand in for credit and metrics; the loss uses the detached current ones
+        batch.old_logp = roll.logprobs.float() * resp_mask  # [B, T]
     if ctx.ref is not None:
         batch.ref_logp, _ = logprob_pass(ctx, ctx.ref, batch, micro)
         if a.kl_placement == "reward":  # R_i -= beta * sum_t k1 (SPEC 4)
@@ -407,8 +422,6 @@ def build_batch(ctx: Context, roll: Any, sc: Scores, micro_size: int) -> Batch:
 
 
 def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
-    from grpokit.rollout.logprobs import token_logprobs
-
     """`updates_per_rollout` optimizer steps over contiguous mini-batches, each with gradient
     accumulation over micro-batches. Returns metrics and the effective per-token credit [B, T]
     (advantage x FIPO weight where the loss reports one)."""
@@ -422,6 +435,7 @@ def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
     # the optimizer's own list: under FSDP2, model.parameters() lists the root's unsharded tensors between a
     # forward and its backward, which never receive the (sharded) gradients
     params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+    fresh = not recompute_old_logprobs(ctx)
     for mb in torch.arange(B).chunk(c.train.updates_per_rollout):
         counts = dist.all_reduce_sum([float(batch.loss_mask[mb].sum()), float(len(mb))])
         n_tok, n_seq = max(float(counts[0]), 1.0), float(counts[1])
@@ -435,9 +449,13 @@ def update(ctx: Context, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
             idx = mb[micro[k]] if k < len(micro) else mb[:1]
             weight = 1.0 if k < len(micro) else 0.0
             sub = batch.select(idx)
-            with ctx.autocast:
-                logp = token_logprobs(ctx.model, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device),
-                                         sub.response_len, temperature=c.rollout.temperature)
+            if fresh:  # no old-log-prob pass was run: old = detached current (ratio 1), entropy from this forward
+                logp, ent = score_tokens(ctx, ctx.model, sub, entropy=True)
+                sub.old_logp = logp.detach().float()
+                if weight:
+                    batch.entropy[idx, : sub.response_len] = ent.float().cpu()
+            else:
+                logp = score_tokens(ctx, ctx.model, sub)
             sub = _to(sub, logp.device)
             loss, s = micro_batch_loss(sub, logp.float(), cfg=c.algo, num_tokens=n_tok, num_seqs=n_seq,
                                        norm_const=norm_const, stats=stats if weight else StatSums())

@@ -78,3 +78,53 @@ def test_rejects_bad_arguments(tiny):
         token_logprobs(model, ids, ids.bool(), 2, temperature=0.0)
     with pytest.raises(ValueError, match="response_len"):
         token_logprobs(model, ids, ids.bool(), 4)
+
+
+# ---------------------------------------------------------------------------- shared-prompt packing
+
+def grouped_batch(tok, sizes: list[int], seed: int = 0):
+    """Groups of `sizes` rows sharing a prompt, responses of ragged random lengths (some 1 token)."""
+    from grpokit.rollout import encode_prompts
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = encode_prompts(tok, ["hi", "What is 2 + 2?", "Say 47", "x"])
+    rows, resp = [], []
+    for k, n in enumerate(sizes):
+        for _ in range(n):
+            rows.append(prompts[k % len(prompts)])
+            length = int(torch.randint(1, 9, (1,), generator=g))
+            resp.append(torch.randint(6, 90, (length,), generator=g).tolist())
+    return padded_batch(rows, resp, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 1, 4, 2], [5]], ids=["equal", "ragged", "one-group"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_scoring_equals_unpacked(sizes, attn):
+    """One packed sequence per group (prompt once, block mask): same log-probs, entropies and gradients."""
+    from grpokit.rollout.logprobs import packed_token_logprobs, prompt_groups
+
+    model, tok = make_tiny(seed=1)
+    model.config._attn_implementation = attn
+    ids, mask, T = grouped_batch(tok, sizes)
+    assert [c for _, c in prompt_groups(ids, mask, T)] == sizes
+    w = torch.randn(ids.shape[0], T, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fn in (token_logprobs, lambda *a, **k: packed_token_logprobs(*a, pad_id=tok.pad_token_id, **k)):
+        model.zero_grad()
+        logp, ent = fn(model, ids, mask, T, temperature=0.7, return_entropy=True)
+        (logp * w).sum().backward()
+        results.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_b, ent_a, atol=1e-5, rtol=0)
+    assert (lp_b[~mask[:, -T:]] == 0).all()
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(b, a, atol=1e-5 * float(a.abs().max()) + 1e-8, rtol=1e-4)
+
+
+def test_packing_is_used_only_where_it_pays():
+    from grpokit.rollout.logprobs import packing_pays
+
+    assert packing_pays([(0, 4), (4, 4)], prompt_len=45, response_len=8)  # short answers, long shared prompt
+    assert not packing_pays([(0, 1), (1, 1)], prompt_len=45, response_len=8)  # nothing shared
+    assert not packing_pays([(0, 8)], prompt_len=100, response_len=2000)  # long responses: the packed attention grows G^2

@@ -84,7 +84,7 @@ def test_every_recipe_runs_one_step(recipe: Path, warm_tiny: str, tmp_path: Path
 
 def _grads_after_update(warm_tiny: str, tmp_path: Path, name: str, loss: str, aggregation: str, **micro: object) -> list[torch.Tensor]:
     extra = {"algo.loss": loss, "algo.aggregation": aggregation, "train.grad_clip": 0.0,
-             "algo.beta": 0.05, "algo.kl_placement": "loss", "train.lr": 1e-12, "train.updates_per_rollout": 1,
+             "algo.beta": 0.05, "algo.kl_placement": "loss", "train.lr": 1e-12, "train.updates_per_rollout": 1, "train.old_logprobs": "recompute",
              "rollout.prompts_per_step": 3, "rollout.group_size": 4, "data.heldout_size": 0, **micro}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

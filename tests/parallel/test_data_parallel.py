@@ -85,11 +85,13 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert got.keys() == want.keys()
     moved = max(float((want[k] - start[k]).abs().max()) for k in want)
     assert moved > 1e-4, f"training did not move the weights (max change {moved}): the test would be vacuous"
-    # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise between 1 and 2 ranks
-    # moves the update visibly, so atol is 1% of one learning-rate step (lr 1e-3); a wrong gradient (a
-    # missed all-reduce, an unclipped group) moves weights by ~1e-3
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise between layouts (1 or 2
+    # ranks, packed or not) moves that element's update visibly. So: every element within 10% of one
+    # learning-rate step (lr 1e-3), and at most 0.1% of them beyond 1% of a step. A wrong gradient (a
+    # missed all-reduce, an unclipped parameter group) moves most elements by ~1e-3.
+    diffs = torch.cat([(got[k] - want[k]).abs().flatten() for k in want])
+    assert float(diffs.max()) <= 1e-4, f"max weight difference {float(diffs.max()):.3g}"
+    assert float((diffs > 1e-5).float().mean()) <= 1e-3, f"{int((diffs > 1e-5).sum())} of {diffs.numel()} weights differ by > 1e-5"
 
 
 @pytest.fixture(scope="module")
