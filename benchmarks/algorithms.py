@@ -57,12 +57,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, offline_env  # noqa: E402
+
+offline_env(HF_HUB_DISABLE_PROGRESS_BARS="1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -123,12 +121,7 @@ def sha256_file(path: Path) -> str:
 def machine_info() -> dict[str, Any]:
     import transformers
 
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     git = ""
     with contextlib.suppress(Exception):
         git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -396,7 +389,7 @@ def run_one(method: str, task_name: str, seed: int, steps: int, model_dir: str, 
         "frac_zero_var_groups": mean_last(metrics, "frac_zero_var_groups", len(metrics)),
         "dynamic_rounds_mean": mean_last(metrics, "dynamic/rounds", len(metrics)),
         "tokens_generated_total": float(sum(gen_tokens)) if all(g is not None for g in gen_tokens) else None,
-        "tokens_trained_total": float(sum(m.get("tokens/generated", 0.0) for m in metrics)),
+        "tokens_trained_total": float(sum(m.get("tokens/trained", m.get("tokens/generated", 0.0)) for m in metrics)),
         "seqs_generated_total": float(sum(s.get("gen_seqs", 0.0) for s in steps_t)) or None,
         "time_step_total_s": float(sum(m.get("time/step", 0.0) for m in metrics)),
         "wall_s": wall,
@@ -633,7 +626,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> str:
         f"last {LAST} steps, only where beta > 0.",
         "- tokens generated: every rollout token sampled in training (all dynamic-sampling rounds), summed over "
         "the run, mean over seeds; in parentheses, where different, the tokens that reached the update "
-        "(the trainer's `tokens/generated`). wall: the whole run including the before/after held-out evals.", "",
+        "(the trainer's `tokens/trained`). wall: the whole run including the before/after held-out evals.", "",
         "Verdicts (FIPO and FRPO are the ones with claims beyond GRPO):", "",
         *verdict_lines(agg, tasks, methods), "",
         *limits_lines(result), "",

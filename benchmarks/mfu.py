@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -41,10 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, offline_env  # noqa: E402
+
+offline_env()
 
 import torch  # noqa: E402
 
@@ -180,12 +179,7 @@ def run_steps(a: argparse.Namespace, threads: int) -> tuple[list[dict[str, float
 # ---------------------------------------------------------------------------- report
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ""
     with contextlib.suppress(OSError):

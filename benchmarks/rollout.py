@@ -18,13 +18,15 @@ the engines alone, without the sampler's advantage of dropping finished rows.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import offline_env  # noqa: E402
+
+offline_env()
 
 import torch  # noqa: E402
 

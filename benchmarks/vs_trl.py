@@ -43,11 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, offline_env  # noqa: E402
+
+offline_env()
 
 import torch  # noqa: E402
 
@@ -111,12 +110,7 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = ""
     with contextlib.suppress(Exception):
@@ -628,8 +622,9 @@ def speed_markdown(spec: SpeedSpec, s_trl: dict[str, Any], s_gk: dict[str, Any],
         f"torch threads={spec.threads}, reward grpokit numeric_match, group advantages std+1e-4 (grpokit adv_eps=1e-4). "
         f"{spec.warmup} warm-up step(s) not timed, then {spec.steps} timed. A step is timed end to end (data, "
         f"generation, reward, log-prob passes, backward, optimizer, per-step logging). Differences by design: TRL "
-        f"samples with model.generate; with one update per rollout TRL skips the old-log-prob forward (it uses the "
-        f"detached current log-probs), grpokit always runs it (time/logprobs), which also yields the entropy metric."
+        f"samples with model.generate; with one update per rollout neither runs an old-log-prob forward (both use the "
+        f"detached current log-probs; grpokit train.old_logprobs='auto'); grpokit scores each group's shared prompt "
+        f"once (train.pack_prompts=true), TRL scores every row's prompt."
     )
 
 

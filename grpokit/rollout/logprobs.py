@@ -100,11 +100,32 @@ def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     return runs
 
 
-def packing_pays(groups: list[tuple[int, int]], prompt_len: int, response_len: int) -> bool:
-    """Pack only when some prompt is shared and the packed attention (one (P + M*T)^2 block per group) costs
-    no more than the unpacked one (B blocks of (P+T)^2): long responses in big groups stay unpacked."""
+#: Longest packed sequence (prompt + M responses): the dense block mask and attention scores grow with Q^2.
+MAX_PACKED_LEN = 8192
+
+
+def attention_width_ratio(model: torch.nn.Module) -> float:
+    """R: how many attended keys cost as much as one token's pass through a layer's linear maps
+    (multiply-adds per token ~ layer weights; per key ~ 2 x heads x head_dim). 1024 without a Llama-like config."""
+    cfg = getattr(model, "config", None)
+    try:
+        d, ff = cfg.hidden_size, cfg.intermediate_size
+        h = cfg.num_attention_heads
+        hd = getattr(cfg, "head_dim", None) or d // h
+        kv = getattr(cfg, "num_key_value_heads", None) or h
+        return (2 * d * h * hd + 2 * d * kv * hd + 3 * d * ff) / (2 * h * hd)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 1024.0
+
+
+def packing_pays(groups: list[tuple[int, int]], prompt_len: int, response_len: int, *, ratio: float = 1024.0) -> bool:
+    """Pack only when some prompt is shared and the packed cost is lower. Cost of a sequence of L tokens that
+    each attend to L keys (a dense block mask attends to all): L x (R + L), R = `attention_width_ratio`.
+    Packed: n groups of Q = P + M*T tokens; unpacked: B rows of P + T. Long responses in big groups stay
+    unpacked (their saved prompt tokens are few and the packed attention grows with M^2)."""
     n, b, m = len(groups), sum(c for _, c in groups), max(c for _, c in groups)
-    return n < b and n * (prompt_len + m * response_len) ** 2 <= b * (prompt_len + response_len) ** 2
+    q, length = prompt_len + m * response_len, prompt_len + response_len
+    return n < b and q <= MAX_PACKED_LEN and n * q * (ratio + q) < b * length * (ratio + length)
 
 
 def packed_inputs(
@@ -201,7 +222,7 @@ def score_logprobs(
     pays (`packing_pays`), else `token_logprobs`. Same contract as `token_logprobs`."""
     if pack and accepts_logits_to_keep(model) and input_ids.shape[1] > response_len:
         groups = prompt_groups(input_ids, attention_mask, response_len)
-        if packing_pays(groups, input_ids.shape[1] - response_len, response_len):
+        if packing_pays(groups, input_ids.shape[1] - response_len, response_len, ratio=attention_width_ratio(model)):
             return packed_token_logprobs(model, input_ids, attention_mask, response_len, temperature=temperature,
                                          return_entropy=return_entropy, pad_id=pad_id, groups=groups)
     return token_logprobs(model, input_ids, attention_mask, response_len, temperature=temperature,

@@ -14,6 +14,7 @@ afterwards); the returned tensors are ordinary tensors, usable in autograd.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +36,8 @@ class Sampler:
     """Samples responses from a Hugging Face causal LM.
 
     Args:
-        model: a causal LM accepting ``input_ids, attention_mask, position_ids, past_key_values,
-            use_cache, logits_to_keep``; already on ``device``.
+        model: a causal LM accepting ``input_ids``, ``attention_mask``, ``position_ids``, ``cache`` (before
+            transformers 5.24: ``past_key_values``), ``use_cache`` and ``logits_to_keep``; already on ``device``.
         tokenizer: its tokenizer; needs ``pad_token_id`` and ``eos_token_id`` (`grpokit.models.load_model`
             guarantees both).
         device: where prompts and outputs live.
@@ -71,6 +72,8 @@ class Sampler:
         self.eos_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)  # [E]
         self.pad_id = int(tokenizer.pad_token_id)
         self._keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def generate(
         self,
@@ -215,7 +218,7 @@ class Sampler:
             input_ids=input_ids,  # [b, q]
             attention_mask=attention_mask,  # [b, L]
             position_ids=position_ids,  # [b, q]
-            past_key_values=cache,
+            **{self._cache_kw: cache},
             use_cache=True,
             **self._keep_last,  # logits_to_keep=1: only the last position goes through the LM head
         )

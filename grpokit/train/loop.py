@@ -314,7 +314,7 @@ def rollout_and_score(ctx: Context) -> tuple[list[dict[str, Any]], Any, Scores, 
     c, G = ctx.cfg, ctx.cfg.rollout.group_size
     want = max(c.rollout.prompts_per_step // dist.world_size(), 1)
     keep: list[tuple[list[dict[str, Any]], Any, Scores, list[int]]] = []
-    info = {"time/rollout": 0.0, "time/reward": 0.0, "dynamic/rounds": 0.0}
+    info = {"time/rollout": 0.0, "time/reward": 0.0, "dynamic/rounds": 0.0, "tokens/generated": 0.0}
     n_kept = 0
     while True:
         prompts = sample_rows(ctx, c.rollout.prompts_per_step)
@@ -330,6 +330,7 @@ def rollout_and_score(ctx: Context) -> tuple[list[dict[str, Any]], Any, Scores, 
         info["time/rollout"] += t1 - t0
         info["time/reward"] += time.perf_counter() - t1
         info["dynamic/rounds"] += 1
+        info["tokens/generated"] += float(roll.response_mask.sum())  # every round's, kept or not
         if not c.algo.dynamic_sampling:
             return rows, roll, sc, info
         total = sc.total.view(-1, G)  # [n, G]
@@ -549,7 +550,7 @@ def train_step(ctx: Context) -> dict[str, float]:
     m["time/logprobs"] = t2 - t1
     m["time/update"] = t3 - t2
     m["time/step"] = time.perf_counter() - t0
-    m["tokens/generated"] = float(roll.response_mask.sum())
+    m["tokens/trained"] = float(roll.response_mask.sum())  # the rows that reached the update
     step = ctx.state["step"]
     if ctx.logger:
         ctx.logger.samples(step, sample_records(ctx, rows, roll, sc, credit))

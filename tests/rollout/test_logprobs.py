@@ -123,8 +123,14 @@ def test_packed_scoring_equals_unpacked(sizes, attn):
 
 
 def test_packing_is_used_only_where_it_pays():
-    from grpokit.rollout.logprobs import packing_pays
+    from grpokit.models import make_tiny
+    from grpokit.rollout.logprobs import attention_width_ratio, packing_pays
 
-    assert packing_pays([(0, 4), (4, 4)], prompt_len=45, response_len=8)  # short answers, long shared prompt
-    assert not packing_pays([(0, 1), (1, 1)], prompt_len=45, response_len=8)  # nothing shared
-    assert not packing_pays([(0, 8)], prompt_len=100, response_len=2000)  # long responses: the packed attention grows G^2
+    model, _ = make_tiny(seed=0)
+    r = attention_width_ratio(model)  # hidden 96, 4 heads x 24, 2 kv heads, ff 256: (18432 + 9216 + 73728) / 192
+    assert r == pytest.approx(528.0)
+    assert packing_pays([(0, 4), (4, 4)], prompt_len=45, response_len=8, ratio=r)  # short answers, long shared prompt
+    assert packing_pays([(0, 8)] * 4, prompt_len=46, response_len=32, ratio=3072)  # SmolLM2-sized, G = 8
+    assert not packing_pays([(0, 1), (1, 1)], prompt_len=45, response_len=8, ratio=r)  # nothing shared
+    assert not packing_pays([(0, 8)], prompt_len=100, response_len=2000, ratio=r)  # long responses: attention grows M^2
+    assert not packing_pays([(0, 16)], prompt_len=500, response_len=600, ratio=1e9)  # past MAX_PACKED_LEN
