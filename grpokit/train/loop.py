@@ -145,10 +145,16 @@ class AdapterOff:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.config = getattr(model, "config", None)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.model.disable_adapter():
             return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def parameters(self) -> Any:
+        return self.model.parameters()
 
 
 # ---------------------------------------------------------------------------- checkpoints

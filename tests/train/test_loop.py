@@ -114,3 +114,19 @@ def test_gradient_does_not_depend_on_micro_batching(warm_tiny: str, tmp_path: Pa
         got = _grads_after_update(warm_tiny, tmp_path, name, loss, aggregation, **micro)
         for g, r in zip(got, ref):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_with_kl_reference_trains_without_a_second_copy(warm_tiny: str, tmp_path: Path) -> None:
+    """LoRA + beta > 0: the reference is the policy with its adapters disabled (no copy), and a step runs."""
+    from grpokit.train.loop import AdapterOff, train_step
+
+    cfg = load_config(None, tiny_overrides(warm_tiny, tmp_path / "run", **{
+        "model.lora_r": 4, "algo.beta": 0.04, "data.heldout_size": 0, "train.final_eval": False}))
+    ctx = setup(cfg)
+    assert isinstance(ctx.ref, AdapterOff) and ctx.ref.model is ctx.base
+    ctx.state["step"] = 1
+    m = train_step(ctx)
+    assert m["loss"] == m["loss"] and "kl_ref" in m
+    lora = [p for n, p in ctx.base.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    assert not any(p.requires_grad for n, p in ctx.base.named_parameters() if "lora_" not in n)
