@@ -72,7 +72,18 @@ def token_logprobs(
         use_cache=False,
         **keep,
     )
-    logits = out.logits[:, -(response_len + 1) : -1].float()  # [B, T, V]: position j predicts token j+1
+    logits = out.logits[:, -(response_len + 1) : -1]  # [B, T, V]: position j predicts token j+1
+    return _response_logprobs(logits, input_ids, attention_mask, response_len, temperature=temperature,
+                              return_entropy=return_entropy, entropy_grad=entropy_grad)
+
+
+def _response_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, *,
+    temperature: float, return_entropy: bool, entropy_grad: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """From the logits [B, T, V] that predict the last T tokens: their float32 log-probs at `temperature`
+    (0 where masked) and, optionally, the entropies (without grad unless `entropy_grad`)."""
+    logits = logits.float()  # [B, T, V]
     if temperature != 1.0:
         logits = logits / temperature  # [B, T, V]
     targets = input_ids[:, -response_len:]  # [B, T]
@@ -197,21 +208,10 @@ def packed_token_logprobs(
     mask_dtype = None if impl == "sdpa" else next(model.parameters()).dtype
     ids, pos, mask4d, keep, rows = packed_inputs(input_ids, attention_mask, response_len, groups, pad_id, mask_dtype)
     out = model(input_ids=ids, attention_mask=mask4d, position_ids=pos, use_cache=False, logits_to_keep=keep)
-    logits = out.logits.float()  # [n, K, V]
-    if temperature != 1.0:
-        logits = logits / temperature
     group_of_row = torch.cat([torch.full((c,), g, device=ids.device) for g, (_, c) in enumerate(groups)])  # [B]
-    sel = logits[group_of_row[:, None], rows]  # [B, T, V]
-    targets = input_ids[:, -response_len:]  # [B, T]
-    mask = attention_mask[:, -response_len:].bool()  # [B, T]
-    lse = sel.logsumexp(dim=-1)  # [B, T]
-    logp = (sel.gather(-1, targets[..., None]).squeeze(-1) - lse) * mask  # [B, T]
-    if not return_entropy:
-        return logp
-    with torch.no_grad():
-        probs = (sel - lse[..., None]).exp()  # [B, T, V]
-        entropy = (lse - (probs * sel).sum(dim=-1)) * mask  # [B, T]
-    return logp, entropy
+    sel = out.logits[group_of_row[:, None], rows]  # [B, T, V]: each row's predicting positions
+    return _response_logprobs(sel, input_ids, attention_mask, response_len, temperature=temperature,
+                              return_entropy=return_entropy)
 
 
 def score_logprobs(
