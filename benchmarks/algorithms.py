@@ -313,7 +313,7 @@ def evaluate_dir(model_dir: str | Path, cfg: Any, rows: list[dict[str, Any]], *,
     """Per-problem accuracy (mean of k samples) of a saved model on `rows`, with the run's reward set."""
     from grpokit.models import load_model
     from grpokit.report.evaluate import default_correct, evaluate
-    from grpokit.train.loop import build_rewards
+    from grpokit.train.loop import build_scorer
 
     model, tok = load_model(str(model_dir))
     model.eval()
@@ -324,7 +324,7 @@ def evaluate_dir(model_dir: str | Path, cfg: Any, rows: list[dict[str, Any]], *,
         flags.extend(bool(x) for x in c)
         return c
 
-    res = evaluate(model, tok, rows, reward_set=build_rewards(cfg), k=k, temperature=temperature,
+    res = evaluate(model, tok, rows, reward_set=build_scorer(cfg), k=k, temperature=temperature,
                    max_new_tokens=cfg.rollout.max_new_tokens, batch_size=512, seed=seed, correct_fn=capture,
                    device="cpu")
     per = [float(np.mean(flags[i * k:(i + 1) * k])) for i in range(len(rows))]

@@ -22,24 +22,26 @@ def resolve_recipe(spec: str) -> Path:
     bundled = RECIPES / f"{spec}.toml"
     if bundled.exists():
         return bundled
+    from grpokit.preflight import UserError
+
     names = sorted(q.stem for q in RECIPES.glob("*.toml"))
-    raise SystemExit(f"grpokit: recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
+    raise UserError(f"recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grpokit.config import ConfigError, load_config
+    from grpokit.config import load_config
+    from grpokit.preflight import UserError, check_inputs
     from grpokit.train.loop import TrainingStopped, train
 
-    try:
-        path = resolve_recipe(args.recipe) if args.recipe else None
-        if args.resume and path is None and (Path(args.resume) / "config.toml").exists():
-            path = Path(args.resume) / "config.toml"
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", UserWarning)
-            cfg = load_config(path, args.set)
-    except ConfigError as e:
-        print(f"grpokit: config error: {e}", file=sys.stderr)
-        return 2
+    path = resolve_recipe(args.recipe) if args.recipe else None
+    if args.resume and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such run directory")
+    if args.resume and path is None and (Path(args.resume) / "config.toml").exists():
+        path = Path(args.resume) / "config.toml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        cfg = load_config(path, args.set)
+    check_inputs(cfg)
     try:
         train(cfg, resume=args.resume)
     except TrainingStopped as e:
@@ -127,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Known user errors (config, paths, imports) print one line, `grpokit: error: ...`, and return 2."""
+    from grpokit.config import ConfigError
+    from grpokit.preflight import UserError
+
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, UserError) as e:
+        print(f"grpokit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

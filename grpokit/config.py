@@ -56,6 +56,7 @@ class RolloutConfig:
     top_p: float = doc("Nucleus sampling threshold (1.0 = off).", 1.0)
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     stop_strings: list[str] = doc("Strings that end a response (besides EOS).", factory=list)
+    engine: str = doc("Rollout engine (`grpokit list engine`): 'hf', the in-process KV-cache sampler.", "hf")
 
 
 @dataclass
@@ -92,6 +93,8 @@ class AlgoConfig:
     dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups with all-equal rewards and sample more prompts.", False)
     max_gen_batches: int = doc("Dynamic sampling: at most this many rollout rounds per step.", 3)
     overlong_filter: bool = doc("DAPO overlong filtering: truncated responses are masked out of the loss.", False)
+    dynamic_sampling_metric: str = doc("What dynamic sampling compares within a group: 'acc' (task correctness, as DAPO and verl's filter_groups.metric=acc) or 'reward' (the shaped total).", "acc")
+    transforms: list[str] = doc("Extra batch transforms (`grpokit list transform`), run after overlong shaping/filtering and dynamic sampling.", factory=list)
 
 
 @dataclass
@@ -250,7 +253,11 @@ def validate(cfg: Config) -> list[str]:
     a, r, t = cfg.algo, cfg.rollout, cfg.train
     from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES
 
+    from grpokit.rollout.engine import ENGINES
+    from grpokit.transforms import TRANSFORMS
+
     for reg, name, where in [
+        (ENGINES, r.engine, "rollout.engine"), *[(TRANSFORMS, n, "algo.transforms") for n in a.transforms],
         (ADVANTAGES, a.advantage, "algo.advantage"), (LOSSES, a.loss, "algo.loss"),
         (AGGREGATIONS, a.aggregation, "algo.aggregation"), (CREDIT, a.credit, "algo.credit"),
         (KL, a.kl_estimator, "algo.kl_estimator"),
@@ -269,6 +276,7 @@ def validate(cfg: Config) -> list[str]:
         "dist.strategy": (cfg.dist.strategy, ("none", "ddp", "fsdp2")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.old_logprobs": (t.old_logprobs, ("auto", "recompute")),
+        "algo.dynamic_sampling_metric": (a.dynamic_sampling_metric, ("acc", "reward")),
     }
     for where, (value, valid) in choices.items():
         if value not in valid:

@@ -118,3 +118,53 @@ def wrap(model: torch.nn.Module, strategy: str, device: str = "cpu") -> torch.nn
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
+    """A context in which backward passes do (enabled) or do not (disabled) reduce gradients over ranks:
+    gradient accumulation reduces once, on the last micro-batch (DDP `no_sync`, FSDP2
+    `set_requires_gradient_sync`). A no-op for a plain module."""
+    import contextlib
+
+    if enabled or not is_distributed():
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def paused() -> Any:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return paused()
+    return contextlib.nullcontext()
+
+
+def all_reduce_min_max(values: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Per name (min, max) over ranks; names missing on some rank are taken from the ranks that have them."""
+    parts = all_gather_objects(values)
+    out: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for k, (lo, hi) in part.items():
+            a, b = out.get(k, (lo, hi))
+            out[k] = (min(a, lo), max(b, hi))
+    return out
+
+
+def lockstep(n_local: int) -> int:
+    """The number of forward passes every rank must run when this rank has `n_local` (the most over ranks):
+    under FSDP2 (and DDP's buffer broadcast) each forward is a collective, so a rank with fewer micro-batches
+    runs padding forwards at weight 0 instead of leaving the others waiting."""
+    return all_reduce_max(n_local)
+
+
+def all_reduce_max_float(value: float) -> float:
+    """The largest of one number over ranks."""
+    t = torch.tensor([value], dtype=torch.float64, device=_COMM_DEVICE)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from grpokit.config import load_config
-from grpokit.train.loop import build_batch, rollout_and_score, setup, train, update
+from grpokit.train.collect import collect
+from grpokit.train.loop import build_batch, setup, train, update
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
 
@@ -91,11 +92,11 @@ def _grads_after_update(warm_tiny: str, tmp_path: Path, name: str, loss: str, ag
         cfg = load_config(None, tiny_overrides(warm_tiny, tmp_path / name, **extra))
     ctx = setup(cfg)
     torch.manual_seed(0)
-    _, roll, sc, _ = rollout_and_score(ctx)
-    batch = build_batch(ctx, roll, sc, 12)
+    col = collect(ctx)
+    batch = build_batch(ctx, col, 12)
     # perturb the policy so ratios differ from 1 and clipping is exercised
     batch.old_logp = batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=torch.Generator().manual_seed(1)) * batch.response_mask
-    update(ctx, batch)
+    update(ctx, batch, col.global_row)
     return [p.grad.clone() for p in ctx.model.parameters()]
 
 

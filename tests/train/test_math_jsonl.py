@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from grpokit.config import load_config
-from grpokit.train.loop import build_rewards, train
+from grpokit.train.loop import build_scorer, train
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "latex_math.jsonl"
 
@@ -28,7 +28,7 @@ def test_jsonl_latex_answers_train_one_step_with_math_verify(warm_tiny: str, tmp
     ev = json.loads((run / "eval.json").read_text())
     assert 0.0 <= ev["after"]["acc"] <= 1.0
     # the reward the run used reads the LaTeX answer column: equivalent forms score 1, others 0
-    rewards = build_rewards(cfg)
+    rewards = build_scorer(cfg)
     prompts = ["Simplify 2/4.", "What is 10 divided by 4?", "What is the square root of 8, simplified?", "Compute 9 - 12."]
     completions = ["It is 0.5", "\\boxed{2.5}", "The answer is $\\sqrt{8}$", "3"]
     answers = ["\\boxed{\\frac{1}{2}}", "$\\frac{5}{2}$", "$2\\sqrt{2}$", "$-3$"]

@@ -1,0 +1,213 @@
+"""Steps 4-5 of an RL step: the trainer's log-prob passes and advantages (`build_batch`), then the
+optimizer steps (`update`).
+
+Lockstep: under FSDP2 every forward is a collective, so every rank runs the same number of forwards in
+each pass: a rank with fewer micro-batches (uneven prompts, dynamic sampling, token budgets, a
+placeholder) runs padding forwards at weight 0 (`dist.lockstep`). Mini-batches are cut from the *global*
+batch by each row's global index, so 1 rank and N ranks take the same optimizer steps.
+
+Shapes: B rows on this rank, T response tokens, P prompt tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from grpokit import dist
+from grpokit.train.collect import Collected
+from grpokit.train.step import Batch, StatSums, micro_batch_loss, plan_microbatches, sequence_advantages, token_credit
+
+
+def score_tokens(ctx: Any, module: Any, sub: Batch, *, entropy: bool = False) -> Any:
+    """Teacher-forced log-probs [b, T'] (and entropies) of a micro-batch's responses under `module`."""
+    from grpokit.rollout.logprobs import score_logprobs
+
+    with ctx.autocast:
+        return score_logprobs(module, sub.input_ids.to(ctx.device), sub.attention_mask.to(ctx.device), sub.response_len,
+                              temperature=ctx.cfg.rollout.temperature, return_entropy=entropy,
+                              pack=ctx.cfg.train.pack_prompts, pad_id=ctx.tokenizer.pad_token_id)
+
+
+def recompute_old_logprobs(cfg: Any) -> bool:
+    """Whether ℓ° needs its own pass before the update (SPEC 0, 12). Not when the only update of a rollout
+    starts from the sampling weights and nothing before the update reads ℓ°: the loss then uses the
+    detached current log-probs, which are ℓ° exactly. Credit other than 'broadcast' (FRPO's KL-to-go) and
+    KL-in-reward read ℓ° before the update, so they always get the pass."""
+    t, a = cfg.train, cfg.algo
+    return (t.old_logprobs == "recompute" or t.updates_per_rollout > 1 or a.credit != "broadcast"
+            or (a.beta > 0 and a.kl_placement == "reward"))
+
+
+def padded_plan(micro: list[torch.Tensor], rows: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """(row indices, weight) for each forward of a lockstepped pass: this rank's micro-batches, then
+    padding forwards of one row at weight 0 up to the largest count over ranks."""
+    n = dist.lockstep(len(micro))
+    return [(rows[micro[k]], 1.0) if k < len(micro) else (rows[:1], 0.0) for k in range(n)]
+
+
+def logprob_pass(ctx: Any, module: Any, batch: Batch, micro: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies of all response tokens, no grad: [B, T] each."""
+    B, T = batch.response_mask.shape
+    logp = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+    ent = torch.zeros(B, T, dtype=torch.float32)  # [B, T]
+    with torch.no_grad():
+        for idx, weight in padded_plan(micro, torch.arange(B)):
+            sub = batch.select(idx)
+            lp, en = score_tokens(ctx, module, sub, entropy=True)
+            if weight:
+                t = sub.response_len
+                logp[idx, :t] = lp.float().cpu() * sub.response_mask  # [b, T']
+                ent[idx, :t] = en.float().cpu() * sub.response_mask  # [b, T']
+    return logp, ent
+
+
+def global_advantages(ctx: Any, rewards: torch.Tensor, group_ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Advantages over every rank's counted rows (batch-wide estimators see the whole batch; a row not counted,
+    such as a skipped reward error or a placeholder, is left out of its group's statistics and gets 0).
+    rewards [B], group_ids [B] (global), counted [B] bool -> [B]."""
+    idx = counted.nonzero().flatten()  # [n]
+    parts = dist.all_gather_objects((rewards[idx].tolist(), group_ids[idx].tolist()))
+    all_r = torch.tensor([x for r, _ in parts for x in r], dtype=torch.float32)  # [N]
+    all_g = torch.tensor([g for _, gs in parts for g in gs], dtype=torch.long)  # [N]
+    adv = torch.zeros_like(rewards, dtype=torch.float32)  # [B]
+    if len(all_r):
+        start = sum(len(r) for r, _ in parts[: dist.rank()])
+        adv[idx] = sequence_advantages(all_r, all_g, cfg=ctx.cfg.algo)[start : start + len(idx)]
+    return adv
+
+
+def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batch:
+    """ℓ° and ℓʳ (recomputed by the trainer, SPEC 0), KL-in-reward, advantages, credit."""
+    a, G = ctx.cfg.algo, ctx.cfg.rollout.group_size
+    sb, real = col.batch, col.global_row >= 0  # [B]
+    roll, sc = sb.rollout, sb.scores
+    resp_mask = roll.response_mask.bool()  # [B, T]
+    counted = sc.valid & real  # [B] rows in the advantage statistics
+    loss_mask = resp_mask & (counted & sb.loss_rows)[:, None]  # [B, T]
+    zeros = torch.zeros(resp_mask.shape, dtype=torch.float32)  # [B, T]
+    batch = Batch(
+        input_ids=roll.input_ids(), attention_mask=roll.attention_mask(), response_mask=resp_mask,
+        loss_mask=loss_mask, group_ids=torch.where(real, col.global_row // G, -1), rewards=sc.total.clone(),
+        seq_adv=torch.zeros_like(sc.total), token_adv=zeros, old_logp=zeros, ref_logp=None, entropy=zeros.clone(),
+    )
+    micro = plan_microbatches(batch.attention_mask.sum(1), micro_batch_size=micro_size or ctx.cfg.train.micro_batch_size,
+                              max_tokens=ctx.cfg.train.max_tokens_per_microbatch)
+    if recompute_old_logprobs(ctx.cfg):
+        batch.old_logp, batch.entropy = logprob_pass(ctx, ctx.model, batch, micro)
+    else:  # filled in by the update's own forward (the policy has not moved: ℓ° = detached ℓ there)
+        batch.old_logp = roll.logprobs.float() * resp_mask  # [B, T] μ until then
+    if ctx.ref is not None:
+        batch.ref_logp, _ = logprob_pass(ctx, ctx.ref, batch, micro)
+        if a.kl_placement == "reward":  # R_i -= beta * sum_t k1 (SPEC 4)
+            batch.rewards = batch.rewards - a.beta * ((batch.old_logp - batch.ref_logp) * resp_mask).sum(1)
+    batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
+    batch.token_adv = token_credit(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp, ref_logp=batch.ref_logp)
+    return batch
+
+
+def minibatch_bounds(n: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous [lo, hi) ranges over n global rows whose sizes differ by at most one."""
+    if n < k:
+        raise ValueError(
+            f"train.updates_per_rollout = {k} optimizer steps cannot be cut from a batch of {n} sequences; "
+            f"lower train.updates_per_rollout or raise rollout.prompts_per_step x rollout.group_size"
+        )
+    q, r = divmod(n, k)
+    bounds, lo = [], 0
+    for j in range(k):
+        hi = lo + q + (1 if j < r else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def reduce_stats(stats: StatSums) -> dict[str, float]:
+    """The means of per-token statistics over every rank (sums and counts added, extremes combined)."""
+    parts = dist.all_gather_objects((stats.sums, stats.counts))
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for s, c in parts:
+        for k, v in s.items():
+            if k.endswith("/min"):
+                sums[k] = min(sums.get(k, v), v)
+            elif k.endswith("/max"):
+                sums[k] = max(sums.get(k, v), v)
+            else:
+                sums[k] = sums.get(k, 0.0) + v
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0.0) + v
+    merged = StatSums()
+    merged.sums, merged.counts = sums, counts
+    return merged.means()
+
+
+def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """`updates_per_rollout` optimizer steps over contiguous mini-batches of the global batch, each with
+    gradient accumulation over micro-batches (gradients reduced over ranks on the last one). Returns
+    metrics and the effective per-token credit [B, T] (advantage x FIPO weight where the loss reports one)."""
+    c = ctx.cfg
+    stats, sink = StatSums(), StatSums()
+    credit = batch.token_adv.clone()  # [B, T]
+    norm_const = float(c.algo.norm_const or c.rollout.max_new_tokens)
+    lengths = batch.attention_mask.sum(1)  # [B]
+    real = global_row >= 0  # [B]
+    n_global = int(dist.all_reduce_sum([float(real.sum())])[0])
+    grad_norms, skipped, losses = [], 0, []
+    # the optimizer's own list: under FSDP2, model.parameters() lists the root's unsharded tensors between a
+    # forward and its backward, which never receive the (sharded) gradients
+    params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+    fresh = not recompute_old_logprobs(c)
+    for lo, hi in minibatch_bounds(n_global, c.train.updates_per_rollout):
+        mb = ((global_row >= lo) & (global_row < hi)).nonzero().flatten()  # [b] this rank's rows of it
+        counts = dist.all_reduce_sum([float(batch.loss_mask[mb].sum()), float(len(mb))])
+        n_tok, n_seq = max(float(counts[0]), 1.0), float(counts[1])
+        micro = plan_microbatches(lengths[mb], micro_batch_size=c.train.micro_batch_size,
+                                  max_tokens=c.train.max_tokens_per_microbatch) if len(mb) else []
+        plan = padded_plan(micro, mb if len(mb) else torch.arange(1))
+        ctx.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64)
+        for k, (idx, weight) in enumerate(plan):
+            sub = batch.select(idx)
+            with dist.grad_sync(ctx.model, enabled=k == len(plan) - 1):
+                if fresh:  # ℓ° = the detached current log-probs (ratio 1); entropy from this forward
+                    logp, ent = score_tokens(ctx, ctx.model, sub, entropy=True)
+                    sub.old_logp = logp.detach().float()
+                    if weight:
+                        batch.entropy[idx, : sub.response_len] = ent.float().cpu()
+                        batch.old_logp[idx, : sub.response_len] = sub.old_logp.cpu() * sub.response_mask
+                else:
+                    logp = score_tokens(ctx, ctx.model, sub)
+                sub = _to(sub, logp.device)
+                loss, s = micro_batch_loss(sub, logp.float(), cfg=c.algo, num_tokens=n_tok, num_seqs=n_seq,
+                                           norm_const=norm_const, stats=stats if weight else sink)
+                (loss * weight * dist.world_size()).backward()
+            total += loss.detach().double().cpu() * weight
+            if weight and "fipo_weight" in s:
+                credit[idx, : sub.response_len] = (sub.token_adv * s["fipo_weight"]).cpu()
+        loss_sum = float(dist.all_reduce_sum([float(total)])[0])
+        gn = torch.nn.utils.clip_grad_norm_(params, c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
+        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        if not (math.isfinite(loss_sum) and math.isfinite(gn)):
+            skipped += 1
+            ctx.optimizer.zero_grad(set_to_none=True)
+            continue
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        grad_norms.append(gn)
+        losses.append(loss_sum)
+    out = reduce_stats(stats)
+    out.update({"loss": float(np.mean(losses)) if losses else float("nan"),
+                "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+                "lr": ctx.scheduler.get_last_lr()[0], "nonfinite_updates": float(skipped)})
+    return out, credit
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    from dataclasses import fields as dc_fields
+
+    return Batch(**{f.name: (None if getattr(batch, f.name) is None else getattr(batch, f.name).to(device)) for f in dc_fields(batch)})
