@@ -24,7 +24,7 @@ All runs happen in this one Python process (grpokit is imported once): `grpokit.
 overrides)` then `grpokit.train.loop.train(cfg)`. Per run: greedy held-out accuracy before and after
 (eval.json), plus a per-problem re-evaluation of `final/` (needed for the bootstrap), held-out avg@8 at
 T = 1, training-batch accuracy, length, entropy, KL to the reference (metrics.jsonl). The benchmark wraps
-three trainer functions (`Sampler.generate`, `loop.score`, `loop.train_step`) read-only to count every
+three trainer functions (`Sampler.generate`, `collect.score`, `loop.train_step`) read-only to count every
 generated token and the accuracy of each step's first, unfiltered rollout round (DAPO's `acc` is measured
 on the kept, mixed-reward groups only, which is not comparable).
 
@@ -214,7 +214,7 @@ class Tally:
 
     def install(self) -> None:
         from grpokit.rollout import sampler as sampler_mod
-        from grpokit.train import loop
+        from grpokit.train import collect, loop
 
         tally = self
         if hasattr(sampler_mod.Sampler, "generate"):
@@ -230,8 +230,8 @@ class Tally:
 
             sampler_mod.Sampler.generate = generate
             self.ok["generate"] = True
-        if hasattr(loop, "score"):
-            orig_score = loop.score
+        if hasattr(collect, "score"):
+            orig_score = collect.score
 
             def score(*args: Any, **kwargs: Any) -> Any:
                 sc = orig_score(*args, **kwargs)
@@ -244,7 +244,7 @@ class Tally:
                         tally.cur["scored_all"] = tally.cur.get("scored_all", 0.0) + float(c.numel())
                 return sc
 
-            loop.score = score
+            collect.score = score
             self.ok["score"] = True
         if hasattr(loop, "train_step"):
             orig_step = loop.train_step

@@ -148,14 +148,14 @@ def run_steps(a: argparse.Namespace, threads: int) -> tuple[list[dict[str, float
     torch.set_num_threads(threads)
     shape = model_shape(ctx.base)
     rolls: list[Any] = []
-    generate = ctx.sampler.generate
+    generate = ctx.engine.generate
 
     def capture(*args, **kw):
         out = generate(*args, **kw)
         rolls.append(out)
         return out
 
-    ctx.sampler.generate = capture  # an instance attribute shadows the method; the trainer is unchanged
+    ctx.engine.generate = capture  # an instance attribute shadows the method; the trainer is unchanged
     passes = 1 + (ctx.ref is not None)
     steps = []
     for i in range(a.warmup + a.steps):

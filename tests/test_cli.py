@@ -40,3 +40,20 @@ def test_eval_on_a_model_directory(warm_tiny: str, tmp_path: Path, capsys: pytes
     assert 0.0 <= res["pass@k"]["1"] <= res["pass@k"]["4"] <= 1.0
     out = capsys.readouterr().out
     assert "avg@4" in out and "pass@4" in out and "95% CI" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "no/such/recipe.toml"], "recipe 'no/such/recipe.toml' not found"),
+    (["train", "grpo", "--set", "model.name='./no_such_model_dir'"], "model directory './no_such_model_dir' does not exist"),
+    (["train", "grpo", "--set", "data.task='missing_data.jsonl'"], "dataset file 'missing_data.jsonl' does not exist"),
+    (["train", "grpo", "--set", "rewards.functions=['no_such_reward_module:fn']"], "cannot import module 'no_such_reward_module'"),
+    (["train", "--resume", "no_such_run_dir"], "no such run directory"),
+])
+def test_known_user_errors_are_one_line_and_status_2(args: list[str], needle: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grpokit: error: ") and needle in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "a refused run must not create its run directory"

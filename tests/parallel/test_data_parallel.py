@@ -23,6 +23,12 @@ REWARD = '''
 def digit_share(prompts, completions, **columns):
     """A dense reward (the share of digits in the completion): groups always have reward variance."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def starts_with_digit(prompts, completions, **columns):
+    """A binary reward: about half the groups of the random tiny model are all-equal, so dynamic sampling
+    drops groups unevenly across ranks."""
+    return [float(c[:1].isdigit()) for c in completions]
 '''
 
 
@@ -63,7 +69,7 @@ def overrides(root: Path, run: Path, **extra: object) -> list[str]:
     return out
 
 
-def run(root: Path, args: list[str], nproc: int = 1) -> None:
+def run(root: Path, args: list[str], nproc: int = 1, fail: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1"}
@@ -73,8 +79,10 @@ def run(root: Path, args: list[str], nproc: int = 1) -> None:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         cmd = [torchrun, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                "-m", "grpokit", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # a hang (ranks calling different collectives) fails here instead of stalling CI
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert (proc.returncode != 0) == fail, f"{' '.join(cmd[:4])} gave {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -116,8 +124,74 @@ def test_two_ranks_match_one_process(setup_dir: Path, single: dict, start: dict,
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (setup_dir / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for a, b in zip(rows, ref):  # rank 0 logs its own rows' metrics; the loss is global
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert_same_metrics(rows, ref)
+
+
+#: metrics that must be global (every rank's rows), not rank 0's own
+GLOBAL_METRICS = ("loss", "reward/mean", "reward/std", "acc", "len/mean", "len/max", "entropy", "clip/high",
+                  "ppo_kl", "tokens/trained", "tokens/generated", "frac_zero_var_groups")
+
+
+def assert_same_metrics(rows: list[dict], ref: list[dict]) -> None:
+    assert len(rows) == len(ref)
+    for a, b in zip(rows, ref):
+        for key in GLOBAL_METRICS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+UNEVEN = {
+    # 3 prompts on 2 ranks: one rank has 2 groups, the other 1
+    "uneven-prompts": {"rollout.prompts_per_step": 3},
+    # dynamic sampling keeps a different number of groups on each rank, over several rounds
+    "dynamic-sampling": {"algo.dynamic_sampling": True, "algo.max_gen_batches": 3,
+                         "rewards.functions": ["dist_reward:starts_with_digit"]},
+    # token-budget micro-batches: a different number of forwards per rank, in the old-log-prob pass too
+    "token-budget": {"rollout.prompts_per_step": 3, "train.max_tokens_per_microbatch": 60},
+    # the LoRA reference (adapters off) is a forward through the sharded module
+    "lora-reference": {"model.lora_r": 4, "algo.beta": 0.04},
+}
+
+
+@pytest.mark.parametrize("case", list(UNEVEN), ids=list(UNEVEN))
+def test_uneven_ranks_stay_in_lockstep_and_match_one_process(setup_dir: Path, start: dict, case: str) -> None:
+    """Ranks with different row counts run the same collectives (no hang) and train what one process trains."""
+    extra = {"dist.strategy": "fsdp2", **UNEVEN[case]}
+    one, two = setup_dir / f"{case}-1", setup_dir / f"{case}-2"
+    run(setup_dir, overrides(setup_dir, one, **UNEVEN[case]))
+    run(setup_dir, overrides(setup_dir, two, **extra), nproc=2)
+    assert_same_weights(weights(two), weights(one), start)
+    assert_same_metrics(metrics(two), metrics(one))
+    if case == "dynamic-sampling":
+        assert any(r["dynamic/rounds"] > 1 for r in metrics(one)), "no step needed a second round: the case is vacuous"
+
+
+def test_fsdp2_resume_samples_from_the_restored_weights(setup_dir: Path) -> None:
+    """A 2-rank FSDP2 run stopped after step 2 and resumed on 2 ranks: step 3's rollouts (samples and
+    rollout metrics) and the final weights equal those of the uninterrupted run."""
+    full, cut = setup_dir / "fsdp2-full", setup_dir / "fsdp2-cut"
+    base = {"dist.strategy": "fsdp2", "train.log_samples": 4, "train.save_every": 1}
+    run(setup_dir, overrides(setup_dir, full, **base), nproc=2)
+    run(setup_dir, overrides(setup_dir, cut, **{**base, "train.steps": 2}), nproc=2)
+    shutil.rmtree(cut / "final")
+    run(setup_dir, ["--resume", str(cut), *overrides(setup_dir, cut, **base)], nproc=2)
+    samples = lambda d: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    want = [(s["prompt"], s["completion"]) for s in samples(full) if s["step"] == 3]
+    got = [(s["prompt"], s["completion"]) for s in samples(cut) if s["step"] == 3]
+    assert want and got == want
+    assert_same_metrics(metrics(cut)[2:], metrics(full)[2:])
+    diffs = [float((a - b).abs().max()) for a, b in zip(weights(cut).values(), weights(full).values())]
+    assert max(diffs) <= 1e-6, max(diffs)
+
+
+def test_torchrun_with_strategy_none_is_refused(setup_dir: Path) -> None:
+    """W processes with dist.strategy = 'none' would train W separate models: each rank stops with a clear error."""
+    proc = run(setup_dir, overrides(setup_dir, setup_dir / "none", **{"train.steps": 1}), nproc=2, fail=True)
+    assert "dist.strategy = 'none'" in proc.stderr and "set dist.strategy = 'ddp' or 'fsdp2'" in proc.stderr
 
 
 def test_fsdp2_checkpoint_resumes_on_one_process(setup_dir: Path, single: dict, start: dict) -> None:

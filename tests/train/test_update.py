@@ -1,0 +1,49 @@
+"""The update's bookkeeping: mini-batch cuts (exactly k optimizer steps), advantages that leave skipped rows
+out of their group's statistics, and which configs need the old-log-prob pass."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from grpokit.config import load_config
+from grpokit.train.update import global_advantages, minibatch_bounds, recompute_old_logprobs
+
+
+@pytest.mark.parametrize("n,k", [(12, 8), (16, 2), (7, 7), (64, 5), (3, 1)])
+def test_minibatches_are_exactly_k_of_near_equal_size(n: int, k: int) -> None:
+    bounds = minibatch_bounds(n, k)
+    sizes = [hi - lo for lo, hi in bounds]
+    assert len(bounds) == k and sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    assert all(b[1] == a[0] for b, a in zip(bounds, bounds[1:])) and bounds[0][0] == 0
+
+
+def test_fewer_rows_than_updates_is_refused() -> None:
+    with pytest.raises(ValueError, match="updates_per_rollout = 8 .* batch of 5"):
+        minibatch_bounds(5, 8)
+
+
+def test_skipped_rows_are_left_out_of_the_group_statistics() -> None:
+    """rewards.on_error = 'skip': the skipped row neither pulls its group's mean to 0 nor gets an advantage."""
+    ctx = types.SimpleNamespace(cfg=load_config(None, []))
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    counted = torch.tensor([True, True, False, True, True, True])  # row 2 was skipped (its 0 is a stand-in)
+    adv = global_advantages(ctx, rewards, groups, counted)
+    assert adv[2] == 0
+    # group 0 has two real members: rewards 1, 0 -> mean 0.5, unbiased std 0.7071 -> +-0.7071
+    torch.testing.assert_close(adv[:2], torch.tensor([0.70710576, -0.70710576]), rtol=1e-5, atol=1e-6)
+    full = global_advantages(ctx, rewards, groups, torch.ones(6, dtype=torch.bool))
+    torch.testing.assert_close(adv[3:], full[3:])  # other groups are untouched
+    assert not torch.allclose(adv[:2], full[:2])  # counting the stand-in 0 would move group 0
+
+
+def test_old_logprob_pass_runs_whenever_something_reads_it_before_the_update() -> None:
+    base = ["train.updates_per_rollout=1", "train.old_logprobs='auto'"]
+    assert not recompute_old_logprobs(load_config(None, base))
+    assert recompute_old_logprobs(load_config(None, base + ["train.old_logprobs='recompute'"]))
+    assert recompute_old_logprobs(load_config(None, ["train.updates_per_rollout=2"]))
+    frpo = ["algo.credit='frpo'", "algo.kl_placement='advantage'", "algo.beta=0.01"]
+    assert recompute_old_logprobs(load_config(None, base + frpo))
+    assert recompute_old_logprobs(load_config(None, base + ["algo.beta=0.01", "algo.kl_placement='reward'"]))
