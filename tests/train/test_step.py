@@ -267,6 +267,13 @@ def test_min_replace_and_adv_orthogonal_cancel_whole_group_prefixes() -> None:
         assert cancellation_metrics(batch, seq_weights=w)["cancel/residual"] < 1e-6, transform
 
 
+def test_seq_weight_without_the_weights_is_an_error_not_a_silent_no_op() -> None:
+    cfg = AlgoConfig(loss="gspo", aggregation="seq_mean_token_mean", seq_weight="min_replace")
+    batch, logp = make_step_batch(6, 4, seed=0, cfg=cfg)
+    with pytest.raises(ValueError, match=r"the trainer must set batch.seq_weight\[rows\] = step.sequence_weights"):
+        run_update(batch, logp, cfg, SPLITS["one"](6))
+
+
 def test_sequence_weights_first_step_and_unused_rows() -> None:
     """logp=None (the policy has not moved): s_i = 1. A row with no loss token takes no part in its group's minimum."""
     cfg = AlgoConfig(loss="gspo", seq_weight="min_replace")
