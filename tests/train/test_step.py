@@ -1,6 +1,6 @@
 """The train step's functions around grpokit.algo (issue 10, defects 5, 7, 8 and 14).
 
-Each test names the defect it pins; each failed on main before its fix (see the branch's report).
+Each test names the defect it pins; each fails on the code before its fix.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 
 import reference as ref
 from grpokit.algo.advantages import ADVANTAGES
-from grpokit.algo.credit import cancellation_residual
 from grpokit.config import AlgoConfig
 from grpokit.train.step import (
     Batch,
