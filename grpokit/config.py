@@ -13,7 +13,8 @@ import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,18 @@ class RewardsConfig:
     overlong_buffer: int = doc("DAPO overlong shaping buffer L_c in tokens (0 = off); L_max is rollout.max_new_tokens.", 0)
 
 
+#: AlgoConfig fields that are loss hyperparameters -> the keyword the losses declare (SPEC 2, 6).
+#: Unset (None) means "the chosen loss's own default" (its signature's); a field set explicitly (in a
+#: recipe, a keyword section or --set) is passed on, and is an error if the chosen loss does not take it.
+LOSS_HPARAMS: dict[str, str] = {
+    "clip_low": "clip_low", "clip_high": "clip_high", "dual_clip_c": "dual_clip_c",
+    "fipo_tau": "tau", "fipo_f_low": "f_low", "fipo_f_high": "f_high", "fipo_safety": "safety",
+    "fipo_drop_seqs": "drop_seqs",
+}
+#: Loss hyperparameters whose config value 0 means "off" (the keyword None).
+OFF_AT_ZERO = frozenset({"dual_clip_c", "fipo_safety"})
+
+
 @dataclass
 class AlgoConfig:
     advantage: str = doc("Advantage estimator (SPEC 1): grpo, dr_grpo, batch_std, rloo.", "grpo")
@@ -79,17 +92,19 @@ class AlgoConfig:
     loss: str = doc("Policy loss (SPEC 2, 6): ppo_clip, gspo, cispo, fipo.", "ppo_clip")
     aggregation: str = doc("Loss aggregation (SPEC 3): token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm.", "token_mean")
     norm_const: int = doc("C of seq_mean_token_sum_norm (0 = rollout.max_new_tokens).", 0)
-    clip_low: float = doc("epsilon_low of the ratio clip.", 0.2)
-    clip_high: float = doc("epsilon_high of the ratio clip (DAPO clip-higher: 0.28).", 0.2)
-    dual_clip_c: float = doc("Dual-clip constant c > 1 for A < 0 (0 = off; verl uses 3, FIPO 10).", 0.0)
+    clip_low: float | None = doc("epsilon_low of the ratio clip (unset: the loss's own, see SPEC 2; CISPO's 1.0 means no lower bound).", None)
+    clip_high: float | None = doc("epsilon_high of the ratio clip (unset: the loss's own; DAPO clip-higher is 0.28).", None)
+    dual_clip_c: float | None = doc("Dual-clip constant c > 1 for A < 0, 0 = off (unset: the loss's own; verl uses 3, FIPO 10).", None)
     beta: float = doc("KL coefficient to the reference model (0 = no reference model is loaded).", 0.0)
     kl_estimator: str = doc("KL estimator for kl_placement='loss': k1, k2, k3.", "k3")
     kl_placement: str = doc("Where the KL goes: 'loss' (beta*k per token), 'reward' (R -= beta*sum k1) or 'advantage' (FRPO, needs credit='frpo').", "loss")
-    fipo_tau: float = doc("FIPO half-life tau of the future-KL discount, in tokens (gamma = 2^(-1/tau)).", 32.0)
-    fipo_f_low: float = doc("FIPO lower clip of the influence weight f.", 1.0)
-    fipo_f_high: float = doc("FIPO upper clip of the influence weight f.", 1.2)
-    fipo_safety: float = doc("FIPO safety threshold: for A<0 and ratio > safety, f is clamped to [0.8, 1].", 10.0)
-    fipo_drop_seqs: bool = doc("FIPO: drop a sequence with more than one negative-advantage token past the dual-clip threshold (official code).", True)
+    kl_source: str = doc("FRPO (SPEC 7): the log-probs of its KL-to-go, 'old' (the rollout policy's, fixed for the rollout) or 'current' (recomputed in every micro-batch from the detached current log-probs).", "old")
+    seq_weight: str = doc("GSPO's sequence weights s_i (SPEC 8): 'none', 'min_replace' or 'adv_orthogonal' (stop-gradient transforms, per group over each optimizer step's rows, that restore the cancellation of shared tokens).", "none")
+    fipo_tau: float | None = doc("FIPO half-life tau of the future-KL discount, in tokens (gamma = 2^(-1/tau)).", None)
+    fipo_f_low: float | None = doc("FIPO lower clip of the influence weight f.", None)
+    fipo_f_high: float | None = doc("FIPO upper clip of the influence weight f.", None)
+    fipo_safety: float | None = doc("FIPO safety threshold: for A<0 and ratio > safety, f is clamped to [0.8, 1] (0 = off).", None)
+    fipo_drop_seqs: bool | None = doc("FIPO: drop a sequence with more than one negative-advantage token past the dual-clip threshold (official code).", None)
     dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups with all-equal rewards and sample more prompts.", False)
     max_gen_batches: int = doc("Dynamic sampling: at most this many rollout rounds per step.", 3)
     overlong_filter: bool = doc("DAPO overlong filtering: truncated responses are masked out of the loss.", False)
@@ -147,6 +162,9 @@ class Config:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = get_origin(typ)
+    if origin in (Union, UnionType):  # `X | None`: a set value is an X (TOML has no null)
+        (typ,) = [t for t in get_args(typ) if t is not type(None)]
+        return _coerce(value, typ, where)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -248,10 +266,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _check_loss_hparams(a: AlgoConfig, losses: Any) -> None:
+    """Every loss hyperparameter the user set must be one the chosen loss takes, and in range."""
+    taken = losses.accepts(a.loss)
+    for fname, kw in LOSS_HPARAMS.items():
+        value = getattr(a, fname)
+        if value is None:
+            continue
+        if taken is not None and kw not in taken:
+            takers = [n for n in losses.names() if kw in (losses.accepts(n) or {kw})]
+            raise ConfigError(
+                f"algo.{fname} = {value!r} is set, but algo.loss = '{a.loss}' does not take it (it is used by: "
+                f"{', '.join(takers)}); remove algo.{fname} from the recipe/overrides or choose a loss that uses it"
+            )
+    for fname in ("clip_low", "clip_high"):
+        value = getattr(a, fname)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"algo.{fname} must be a number >= 0, got {value}")
+    if a.dual_clip_c is not None and a.dual_clip_c != 0 and not a.dual_clip_c > 1:
+        raise ConfigError(f"algo.dual_clip_c must be > 1 (or 0 = off), got {a.dual_clip_c}")
+    if a.fipo_safety is not None and a.fipo_safety < 0:
+        raise ConfigError(f"algo.fipo_safety must be > 0 (or 0 = off), got {a.fipo_safety}")
+    if a.fipo_tau is not None and not a.fipo_tau > 0:
+        raise ConfigError(f"algo.fipo_tau must be > 0 tokens (inf = no discount), got {a.fipo_tau}")
+    lo = a.fipo_f_low if a.fipo_f_low is not None else losses.defaults(a.loss).get("f_low")
+    hi = a.fipo_f_high if a.fipo_f_high is not None else losses.defaults(a.loss).get("f_high")
+    if lo is not None and hi is not None and not 0 <= lo <= hi:
+        raise ConfigError(f"FIPO needs 0 <= algo.fipo_f_low <= algo.fipo_f_high, got {lo} and {hi}")
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError on impossible combinations; return (and emit) warnings for useless ones."""
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES
+    from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS
 
     from grpokit.rollout.engine import ENGINES
     from grpokit.transforms import TRANSFORMS
@@ -260,7 +307,7 @@ def validate(cfg: Config) -> list[str]:
         (ENGINES, r.engine, "rollout.engine"), *[(TRANSFORMS, n, "algo.transforms") for n in a.transforms],
         (ADVANTAGES, a.advantage, "algo.advantage"), (LOSSES, a.loss, "algo.loss"),
         (AGGREGATIONS, a.aggregation, "algo.aggregation"), (CREDIT, a.credit, "algo.credit"),
-        (KL, a.kl_estimator, "algo.kl_estimator"),
+        (KL, a.kl_estimator, "algo.kl_estimator"), (SEQ_WEIGHTS, a.seq_weight, "algo.seq_weight"),
     ]:
         if name not in reg:
             try:
@@ -271,6 +318,7 @@ def validate(cfg: Config) -> list[str]:
         "algo.std": (a.std, ("unbiased", "population")),
         "algo.kl_placement": (a.kl_placement, ("loss", "reward", "advantage")),
         "algo.divergence": (a.divergence, ("k1", "k3", "forward")),
+        "algo.kl_source": (a.kl_source, ("old", "current")),
         "rewards.on_error": (cfg.rewards.on_error, ("raise", "zero", "skip")),
         "model.precision": (cfg.model.precision, ("auto", "bf16", "fp32")),
         "dist.strategy": (cfg.dist.strategy, ("none", "ddp", "fsdp2")),
@@ -298,8 +346,30 @@ def validate(cfg: Config) -> list[str]:
         raise ConfigError("FRPO puts the KL in the advantage: set algo.credit = 'frpo' together with algo.kl_placement = 'advantage'")
     if a.credit == "frpo" and a.beta <= 0:
         raise ConfigError("algo.credit = 'frpo' needs algo.beta > 0 (the paper uses 0.01)")
-    if a.dual_clip_c and a.dual_clip_c <= 1:
-        raise ConfigError(f"algo.dual_clip_c must be > 1 (or 0 = off), got {a.dual_clip_c}")
+    _check_loss_hparams(a, LOSSES)
+    if a.kl_source == "current" and a.kl_placement != "advantage":
+        raise ConfigError(
+            "algo.kl_source = 'current' only changes where FRPO's KL-to-go comes from; set algo.credit = 'frpo' "
+            "and algo.kl_placement = 'advantage', or leave algo.kl_source = 'old'"
+        )
+    if a.seq_weight != "none" and "seq_ratio" not in (LOSSES.accepts(a.loss) or ()):
+        takers = [n for n in LOSSES.names() if "seq_ratio" in (LOSSES.accepts(n) or ())]
+        raise ConfigError(
+            f"algo.seq_weight = '{a.seq_weight}' transforms per-sequence weights, which algo.loss = '{a.loss}' does "
+            f"not have; use it with algo.loss = {' or '.join(repr(n) for n in takers)}, or set algo.seq_weight = 'none'"
+        )
+    if not math.isfinite(r.temperature) or r.temperature <= 0:
+        raise ConfigError(
+            f"rollout.temperature = {r.temperature} cannot train: the trainer divides the logits by it to score the "
+            "samples, and greedy groups hold identical answers with no relative signal; set rollout.temperature > 0 "
+            "(1.0 samples the policy itself; greedy evaluation is `grpokit eval --temperature 0`)"
+        )
+    if a.beta > 0 and a.kl_placement == "loss" and a.kl_estimator == "k1":
+        raise ConfigError(
+            "algo.kl_estimator = 'k1' in the loss has zero expected gradient (SPEC 4: E[grad log pi] = 0), so the KL "
+            "term would only add noise; set algo.kl_estimator = 'k3' (GRPO's) or 'k2', or put k1 in the reward with "
+            "algo.kl_placement = 'reward'"
+        )
     if not math.isfinite(t.lr) or t.lr <= 0:
         raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
     n_rewards = len(cfg.rewards.functions)
@@ -312,8 +382,29 @@ def validate(cfg: Config) -> list[str]:
         )
     batch = r.prompts_per_step * r.group_size
     if t.updates_per_rollout > batch:
-        raise ConfigError(f"train.updates_per_rollout = {t.updates_per_rollout} exceeds the {batch} sequences of a rollout batch")
+        raise ConfigError(
+            f"train.updates_per_rollout = {t.updates_per_rollout} exceeds the {batch} sequences of a rollout batch "
+            f"(rollout.prompts_per_step x rollout.group_size = {r.prompts_per_step} x {r.group_size}), so some "
+            f"optimizer steps would have no rows; set train.updates_per_rollout <= {batch} or sample more prompts"
+        )
     notes = []
+    if a.loss == "gspo" and a.aggregation == "token_mean":
+        notes.append(
+            "algo.loss = 'gspo' with algo.aggregation = 'token_mean': GSPO is defined with the sequence-level mean "
+            "(arXiv 2507.18071, SPEC 2), and token_mean weights long responses more; set "
+            "algo.aggregation = 'seq_mean_token_mean' to follow the paper"
+        )
+    if a.credit == "frpo" and a.std == "unbiased" and a.advantage in ("grpo", "batch_std"):
+        notes.append(
+            "algo.credit = 'frpo' with algo.std = 'unbiased': the FRPO paper (arXiv 2601.10201, SPEC 7) normalises "
+            "with the population std (1/G); set algo.std = 'population' to follow it"
+        )
+    if a.seq_weight != "none" and t.updates_per_rollout < 2:
+        notes.append(
+            f"algo.seq_weight = '{a.seq_weight}' with train.updates_per_rollout = 1: the only update starts from the "
+            "sampling policy, so every sequence ratio s_i is 1 and there is nothing to transform; set "
+            "train.updates_per_rollout >= 2"
+        )
     if a.loss == "fipo" and t.updates_per_rollout < 2:
         notes.append(
             "algo.loss = 'fipo' with train.updates_per_rollout = 1: the policy equals the sampling policy in "
@@ -331,12 +422,32 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _drop_unset(data: dict[str, Any]) -> dict[str, Any]:
+    """The dict without None values (unset fields: TOML has no null, and loading omits them back to None)."""
+    return {k: _drop_unset(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as a recipe that loads back to an equal Config. Unset loss hyperparameters are left out,
+    so they stay "the loss's own default" (`grpokit.train.step.resolved_loss_hparams` gives the values)."""
     import tomli_w
 
-    data = to_dict(cfg)
+    data = _drop_unset(to_dict(cfg))
     recipe = data.pop("recipe")
     Path(path).write_text(tomli_w.dumps({"recipe": recipe, **data}))
+
+
+def _loss_defaults_note(fname: str) -> str:
+    """For a loss hyperparameter field: the default of every loss that takes it, e.g. 'ppo_clip 0.2, gspo 0.0003'."""
+    from grpokit.algo import LOSSES
+
+    kw = LOSS_HPARAMS[fname]
+    found = [(n, "off" if v is None else repr(v)) for n in LOSSES.names()
+             if kw in (LOSSES.accepts(n) or ()) and (v := LOSSES.defaults(n).get(kw, "")) != ""]
+    values = {v for _, v in found}
+    if len(values) == 1:
+        return f"default {values.pop()} ({', '.join(n for n, _ in found)}'s own)"
+    return "default: the loss's own (" + ", ".join(f"{n} {v}" for n, v in found) + ")"
 
 
 def help_text() -> str:
@@ -350,8 +461,13 @@ def help_text() -> str:
         lines.append(f"[{sec.name}]")
         hints = get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            lines.append(f"  {sec.name}.{f.name} ({typ}, default {getattr(obj, f.name)!r})")
+            typ = hints[f.name]
+            if get_origin(typ) in (Union, UnionType):
+                (typ,) = [t for t in get_args(typ) if t is not type(None)]
+            name = getattr(typ, "__name__", str(typ))
+            value = getattr(obj, f.name)
+            default = _loss_defaults_note(f.name) if sec.name == "algo" and f.name in LOSS_HPARAMS and value is None else f"default {value!r}"
+            lines.append(f"  {sec.name}.{f.name} ({name}, {default})")
             lines.append(f"      {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)

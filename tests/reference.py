@@ -347,3 +347,61 @@ def make_batch(b: int, t: int, *, seed: int, dtype: torch.dtype = torch.float64,
     out = {k: v.to(dtype) for k, v in out.items()}
     out.update(mask=mask, group_ids=group_ids, rewards=rewards.to(dtype), seq_adv=seq_adv.to(dtype), ids=ids)
     return out
+
+
+# ---------------------------------------------------------------- train step (issue 10): skipped rewards, optimizer
+# steps per rollout, GSPO sequence weights (SPEC 8)
+
+
+def advantages_valid(name: str, rewards, group_ids, valid, *, eps: float = EPS, std: str = "unbiased") -> torch.Tensor:
+    """SPEC 1 computed over the valid rows alone (a skipped reward is no sample); skipped rows get 0."""
+    r, g, v = rewards.tolist(), group_ids.tolist(), valid.tolist()
+    keep = [i for i in range(len(r)) if v[i]]
+    out = [0.0] * len(r)
+    if keep:
+        sub = advantages(name, torch.tensor([r[i] for i in keep], dtype=torch.float64),
+                         torch.tensor([g[i] for i in keep]), eps=eps, std=std).tolist()
+        for j, i in enumerate(keep):
+            out[i] = sub[j]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def minibatch_sizes(B: int, k: int) -> list[int]:
+    """k optimizer steps over B rows: sizes differ by at most one, the larger ones first."""
+    return [B // k + (1 if j < B % k else 0) for j in range(k)]
+
+
+def gspo_weighted(logp, old_logp, adv, mask, group_ids, seq_adv, *, clip_low, clip_high, transform: str):
+    """GSPO (SPEC 2) with s_i replaced by its SPEC 8 transform over all the rows given (one optimizer step).
+
+    Rows without a masked token take no part in a transform. Returns (per_tok [B,T], w [B], grad [B,T]):
+    grad is d per_tok / d logp at each token: −A·w where the unclipped branch is the max, else 0.
+    """
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    s = [1.0] * b
+    for i in range(b):
+        n = sum(m[i])
+        if n:
+            s[i] = math.exp(_clamp(sum(lp[i][j] - op[i][j] for j in range(t) if m[i][j]) / n, -CLAMP, CLAMP))
+    used = [i for i in range(b) if any(m[i])]
+    w = list(s)
+    if transform != "none" and used:
+        ws = torch.tensor([s[i] for i in used], dtype=torch.float64)
+        gs = torch.tensor([group_ids.tolist()[i] for i in used])
+        if transform == "min_replace":
+            sub = min_replace(ws, gs).tolist()
+        else:
+            sub = adv_orthogonal(ws, torch.tensor([seq_adv.tolist()[i] for i in used], dtype=torch.float64), gs).tolist()
+        for j, i in enumerate(used):
+            w[i] = sub[j]
+    out = torch.zeros(b, t, dtype=torch.float64)
+    grad = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        for j in range(t):
+            if m[i][j]:
+                a = ad[i][j]
+                out[i, j] = _dual_clip_ppo(w[i], a, clip_low, clip_high, None)
+                inside = (a > 0 and w[i] <= 1 + clip_high) or (a < 0 and w[i] >= 1 - clip_low)
+                grad[i, j] = -a * w[i] if inside else 0.0
+    return out, torch.tensor(w, dtype=torch.float64), grad

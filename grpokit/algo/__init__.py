@@ -6,7 +6,7 @@ extension points; `grpokit list` prints REGISTRIES with each entry's first docst
 """
 from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
-from grpokit.algo.credit import CREDIT
+from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
 from grpokit.algo.registry import Registry
@@ -17,6 +17,7 @@ REGISTRIES: dict[str, Registry] = {
     "loss": LOSSES,
     "aggregation": AGGREGATIONS,
     "kl": KL,
+    "seq_weight": SEQ_WEIGHTS,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry"]

@@ -5,7 +5,8 @@
 - `fipo` (SPEC section 6), registered in `losses.LOSSES`: it needs the current log-probs, so it is a
   loss, computed per micro-batch.
 - Token gradient cancellation (SPEC section 8): `cancellation_residual` (diagnostic), `min_replace`
-  and `adv_orthogonal` (stop-gradient transforms of per-sequence weights such as GSPO's s_i).
+  and `adv_orthogonal` (stop-gradient transforms of per-sequence weights such as GSPO's s_i), and
+  the `SEQ_WEIGHTS` registry that names them for the config: `fn(w[B], adv[B], group_ids[B]) -> [B]`.
 
 Shapes: B sequences, T response tokens, S distinct groups, G group size.
 """
@@ -41,12 +42,14 @@ __all__ = [
     "cancellation_residual",
     "min_replace",
     "adv_orthogonal",
+    "SEQ_WEIGHTS",
     "FRPO_DIVERGENCES",
     "FIPO_SAFETY_F_LOW",
     "FIPO_SAFETY_F_HIGH",
 ]
 
 CREDIT = Registry("credit")
+SEQ_WEIGHTS = Registry("seq_weight")
 
 #: FRPO regularisers (SPEC section 7, Theorem 4.1 of arXiv 2601.10201), u = π_ref/π_old.
 FRPO_DIVERGENCES = ("k1", "k3", "forward")
@@ -386,3 +389,30 @@ def adv_orthogonal(w: torch.Tensor, adv: torch.Tensor, group_ids: torch.Tensor) 
     wt = w - proj[seg] * a  # [B]
     bad = segment_amin(wt, seg, s) <= 0  # [S]
     return torch.where(bad[seg], group_min(w, group_ids), wt)  # [B]
+
+
+@SEQ_WEIGHTS.register("none")
+def keep_weights(w: torch.Tensor, adv: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """None: the per-sequence weights as they are (GSPO's own s_i, no cancellation fix).
+
+    Shapes: w [B], adv [B], group_ids [B] -> [B] (detached, float32).
+    """
+    return to_f32(w).detach()  # [B]
+
+
+@SEQ_WEIGHTS.register("min_replace")
+def min_replace_weights(w: torch.Tensor, adv: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Min-replace (arXiv 2604.13088): every member of a group gets the group's smallest weight.
+
+    `min_replace` under the SEQ_WEIGHTS signature; `adv` is ignored. Shapes: [B] x3 -> [B].
+    """
+    return min_replace(w, group_ids)  # [B]
+
+
+@SEQ_WEIGHTS.register("adv_orthogonal")
+def adv_orthogonal_weights(w: torch.Tensor, adv: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Advantage-orthogonal (arXiv 2604.13088): w minus its projection on A, per group.
+
+    `adv_orthogonal` under the SEQ_WEIGHTS signature. Shapes: [B] x3 -> [B].
+    """
+    return adv_orthogonal(w, adv, group_ids)  # [B]

@@ -9,7 +9,8 @@ Every loss has the one registry signature
 is exactly 0 where `mask` is False (selected with `where`, so padded garbage cannot leak in), and the
 gradient there is exactly 0. `stats` always holds bool [B,T] masks `clipped_low`, `clipped_high` and
 `dual_clipped` (False outside `mask`); the trainer turns them into clip fractions. `dual_clip_c=None`
-switches the dual clip off. Arithmetic is float32 (float64 inputs stay float64, for tests).
+switches the dual clip off. A keyword a loss declares only for the uniform signature (CISPO's
+`dual_clip_c`) is registered as ignored, so `Registry.accepts` leaves it out and the config refuses it. Arithmetic is float32 (float64 inputs stay float64, for tests).
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def gspo(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     dual_clip_c: float | None = None,
+    seq_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """GSPO, token form: a sequence-level ratio s_i clipped like PPO, with a per-token gradient path.
 
@@ -120,22 +122,32 @@ def gspo(
     clip, if c is given) on s_{i,t}. Aggregate with `seq_mean_token_mean` to get the paper's objective.
     The default ε = 3e-4/4e-4 are the paper's recipe values (sequence ratios are far tighter than
     token ratios). sg(log s_i) is clamped to ±LOG_RATIO_CLAMP before exp. Empty rows (L_i = 0) give 0.
-    Shapes: logp, old_logp, adv [B,T], mask [B,T] bool -> (per_tok [B,T], stats with s_i broadcast).
+    `seq_ratio` [B] (> 0, detached) replaces s_i: the stop-gradient weights of min-replace or
+    advantage-orthogonal (SPEC section 8, `credit.SEQ_WEIGHTS`), computed by the caller over a whole
+    optimizer batch, since the minimum over a group must not depend on how the batch is split.
+    Shapes: logp, old_logp, adv [B,T], mask [B,T] bool, seq_ratio [B] -> (per_tok [B,T], stats with
+    `seq_ratio` f32 [B], the s_i in use, 0 for empty rows).
     """
     _check_dual_clip(dual_clip_c)
     logp = to_f32(logp)  # [B,T]
-    diff = torch.where(mask, logp - to_f32(old_logp).detach(), torch.zeros_like(logp))  # [B,T]
-    length = mask.sum(-1).clamp(min=1).to(logp.dtype)  # [B]
-    log_s = (diff.sum(-1) / length).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
+    if seq_ratio is None:
+        diff = torch.where(mask, logp - to_f32(old_logp).detach(), torch.zeros_like(logp))  # [B,T]
+        length = mask.sum(-1).clamp(min=1).to(logp.dtype)  # [B]
+        log_s = diff.sum(-1) / length  # [B]
+    else:
+        log_s = to_f32(seq_ratio).to(logp.dtype).log()  # [B]
+    log_s = log_s.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
     log_s_tok = log_s[:, None] + logp - logp.detach()  # [B,T] value log s_i, gradient ∇ℓ_t
     log_s_tok = torch.where(mask, log_s_tok, torch.zeros_like(log_s_tok))  # [B,T]
     adv = masked_advantage(adv, mask)  # [B,T]
-    return _clip_surrogate(
+    per_tok, stats = _clip_surrogate(
         log_s_tok.exp(), adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c
     )
+    stats["seq_ratio"] = torch.where(mask.any(-1), log_s.exp(), torch.zeros_like(log_s)).float()  # [B] 0 if empty
+    return per_tok, stats
 
 
-@LOSSES.register("cispo")
+@LOSSES.register("cispo", ignores=("dual_clip_c",))
 def cispo(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -1,5 +1,9 @@
 """The one call site of `grpokit.algo`: advantages once per rollout, then loss per micro-batch.
 
+The loop calls, per rollout batch: `sequence_advantages` (with `valid`), `token_credit`, then for each
+of `plan_minibatches(B, k)` (one optimizer step each): `sequence_weights` when `needs_sequence_weights`,
+`plan_microbatches`, and `micro_batch_loss` per micro-batch; after the update `cancellation_metrics`.
+
 Shapes: B sequences, T response tokens (right-padded), P prompt tokens (left-padded).
 """
 from __future__ import annotations
@@ -8,8 +12,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES
-from grpokit.config import AlgoConfig
+from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS
+from grpokit.algo.constants import LOG_RATIO_CLAMP
+from grpokit.algo.credit import cancellation_residual
+from grpokit.algo.masked import to_f32
+from grpokit.config import LOSS_HPARAMS, OFF_AT_ZERO, AlgoConfig
 
 CLIP_STATS = {"clipped_low": "clip/low", "clipped_high": "clip/high", "dual_clipped": "clip/dual"}
 
@@ -29,6 +36,7 @@ class Batch:
     old_logp: torch.Tensor         # [B, T] f32
     ref_logp: torch.Tensor | None  # [B, T] f32 or None when beta = 0
     entropy: torch.Tensor          # [B, T] f32, of the sampling policy (metrics only)
+    seq_weight: torch.Tensor | None = None  # [B] f32 stop-gradient sequence weights (algo.seq_weight), or None
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows `idx`, with columns trimmed to what those rows use (all-pad prompt columns, tail)."""
@@ -76,9 +84,43 @@ def plan_microbatches(
     return out
 
 
-def sequence_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, cfg: AlgoConfig) -> torch.Tensor:
-    """Group-relative advantages from scalar rewards (SPEC 1). rewards [B], group_ids [B] -> [B]."""
-    return ADVANTAGES.call(cfg.advantage, rewards, group_ids, eps=cfg.adv_eps, std=cfg.std)  # [B]
+def plan_minibatches(B: int, k: int) -> list[torch.Tensor]:
+    """Row indices of the `k` optimizer steps of one rollout batch of `B` rows: exactly k contiguous
+    mini-batches whose sizes differ by at most one row (the first B mod k hold one more).
+
+    `torch.arange(B).chunk(k)` is not this: chunk sizes are ceil(B/k), so B=12, k=8 gives 6 steps.
+    B < k cannot give every step a row and is refused.
+    """
+    if k < 1:
+        raise ValueError(f"train.updates_per_rollout must be >= 1, got {k}")
+    if B < k:
+        raise ValueError(
+            f"a rollout batch of {B} rows cannot be split into train.updates_per_rollout = {k} optimizer steps; "
+            f"set train.updates_per_rollout <= {B}, or raise rollout.prompts_per_step x rollout.group_size "
+            f"(with dynamic sampling, also algo.max_gen_batches, so that enough groups are kept)"
+        )
+    return list(torch.tensor_split(torch.arange(B), k))  # k x [B/k or B/k + 1]
+
+
+def sequence_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, cfg: AlgoConfig, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Group-relative advantages from scalar rewards (SPEC 1). rewards [B], group_ids [B], valid [B] -> [B].
+
+    Rows with `valid` False (a reward function failed with rewards.on_error = 'skip') are left out of
+    every statistic (group mean and std, the batch std of batch_std) and get A = 0; the caller masks
+    them out of the loss. Their rewards may be anything, NaN included. A group left with one valid
+    member is a singleton (A = 0).
+    """
+    if valid is None:
+        return ADVANTAGES.call(cfg.advantage, rewards, group_ids, eps=cfg.adv_eps, std=cfg.std)  # [B]
+    valid = valid.bool()  # [B]
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out = torch.zeros(rewards.shape, dtype=dtype, device=rewards.device)  # [B]
+    if valid.any():
+        idx = valid.nonzero().squeeze(1)  # [B_valid]
+        out[idx] = ADVANTAGES.call(cfg.advantage, rewards[idx], group_ids[idx], eps=cfg.adv_eps, std=cfg.std)  # [B_valid]
+    return out  # [B]
 
 
 def token_credit(
@@ -93,13 +135,75 @@ def token_credit(
 
 
 def loss_hparams(cfg: AlgoConfig) -> dict[str, object]:
-    """The keyword hyperparameters every registered loss may take; each takes only its own."""
-    return dict(
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        dual_clip_c=cfg.dual_clip_c if cfg.dual_clip_c > 0 else None,
-        tau=cfg.fipo_tau, f_low=cfg.fipo_f_low, f_high=cfg.fipo_f_high,
-        safety=cfg.fipo_safety, drop_seqs=cfg.fipo_drop_seqs,
-    )
+    """The loss hyperparameters the user set (non-None AlgoConfig fields), under the losses' keyword names.
+
+    Unset fields are left out, so the chosen loss applies its own (the paper's) defaults: GSPO's clip is
+    3e-4/4e-4 and CISPO has no lower bound unless the user says otherwise. `dual_clip_c = 0` and
+    `fipo_safety = 0` mean off (None). The config refuses a set field the chosen loss does not take.
+    """
+    out: dict[str, object] = {}
+    for fname, kw in LOSS_HPARAMS.items():
+        value = getattr(cfg, fname)
+        if value is not None:
+            out[kw] = None if (fname in OFF_AT_ZERO and value == 0) else value
+    return out
+
+
+def resolved_loss_hparams(cfg: AlgoConfig) -> dict[str, object]:
+    """Every hyperparameter the chosen loss runs with: its signature's defaults, then `loss_hparams`.
+    For the run's record (log it next to the saved config) and for statistics that need the values."""
+    return {**LOSSES.defaults(cfg.loss), **loss_hparams(cfg)}
+
+
+def needs_sequence_weights(cfg: AlgoConfig) -> bool:
+    """Whether each optimizer step needs `sequence_weights` first (algo.seq_weight is not 'none')."""
+    return cfg.seq_weight != "none"
+
+
+def sequence_weights(batch: Batch, logp: torch.Tensor | None, *, cfg: AlgoConfig) -> torch.Tensor:
+    """GSPO's sequence ratios s_i over the rows of one optimizer step, transformed by algo.seq_weight
+    (SPEC 8: min-replace or advantage-orthogonal, stop-gradient): [B] f32, for `batch.seq_weight`.
+
+    `batch` holds all rows of the optimizer step (a mini-batch), `logp` [B, T] their current log-probs
+    from a no-grad pass. The transform needs every member of a group that shares the step, so it runs
+    here, ahead of the micro-batches, and `micro_batch_loss` then uses the same weights whatever the
+    micro-batch split (the gradient stays split-invariant, SPEC 3). `logp=None` means the policy has not
+    moved since `old_logp` (the first optimizer step of a rollout): s_i = 1, no pass needed. Rows with
+    no loss token are kept out of their group's transform (weight 1). log s_i is computed as in the
+    gspo loss: (1/L_i) sum_t m (l - l_old), clamped to +-LOG_RATIO_CLAMP.
+    """
+    mask = batch.loss_mask  # [B, T]
+    B = mask.shape[0]
+    if logp is None:
+        s = torch.ones(B, dtype=torch.float32, device=mask.device)  # [B]
+    else:
+        diff = torch.where(mask, to_f32(logp).detach() - to_f32(batch.old_logp), torch.zeros_like(to_f32(logp)))  # [B, T]
+        log_s = (diff.sum(-1) / mask.sum(-1).clamp(min=1)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
+        s = log_s.exp().float()  # [B]
+    used = mask.any(-1)  # [B] rows that enter the loss
+    lowest = batch.group_ids.min() if B else batch.group_ids.new_zeros(())  # []
+    alone = lowest - 1 - torch.arange(B, device=batch.group_ids.device)  # [B] fresh ids: unused rows are singletons
+    gid = torch.where(used, batch.group_ids, alone)  # [B]
+    w = SEQ_WEIGHTS.call(cfg.seq_weight, s, batch.seq_adv, gid)  # [B]
+    return torch.where(used, w, torch.ones_like(w)).float()  # [B]
+
+
+def cancellation_metrics(batch: Batch, *, seq_weights: torch.Tensor | None = None) -> dict[str, float]:
+    """SPEC 8's diagnostic for one rollout batch: `cancel/residual`, the mean over tokens shared within
+    a group (same position, same prefix) of |sum_i A_i w_i| / sum_i |A_i w_i| (0 = they cancel).
+
+    `seq_weights` [B] are the per-sequence weights the update used: None for token-level losses (w = 1),
+    GSPO's s_i (after algo.seq_weight) for gspo, collected from `micro_batch_loss`'s stats['seq_ratio'].
+    A = batch.seq_adv, tokens = the loss-masked response tokens. Cost, measured on one CPU thread:
+    64 x 256 tokens in groups of 8 take 2.5-10 ms (identical responses, the worst case, included);
+    64 x 4096 take 9 ms with a shared template, 80 ms if all identical; 512 x 1024 in groups of 16 take
+    0.11 s (0.37 s all identical). A step over such a batch takes seconds, so it is logged every step.
+    """
+    T = batch.response_mask.shape[1]
+    ids = batch.input_ids[:, -T:]  # [B, T] response tokens
+    w = torch.ones_like(batch.seq_adv, dtype=torch.float32) if seq_weights is None else seq_weights  # [B]
+    res = cancellation_residual(ids, batch.loss_mask, batch.group_ids, batch.seq_adv, w)  # []
+    return {"cancel/residual": float(res)}
 
 
 class StatSums:
@@ -135,30 +239,50 @@ def micro_batch_loss(
 
     `logp` [b, T'] carries the gradient. Summing the returned values over all micro-batches and ranks
     of an optimizer step gives the full-batch loss of SPEC section 3. Also returns the loss's
-    per-token statistics (clip flags, FIPO weights, ...) for this micro-batch.
+    per-token statistics (clip flags, FIPO weights, GSPO's `seq_ratio` [b], ...) for this micro-batch,
+    and `token_adv` [b, T'], the per-token advantage the loss used: with algo.kl_source = 'current'
+    FRPO's credit A_grpo - beta * KL-to-go is recomputed here from the detached `logp` (SPEC 7).
+    `batch.seq_weight`, when set (see `sequence_weights`), replaces GSPO's s_i.
     """
     mask = batch.loss_mask  # [b, T']
-    per_tok, s = LOSSES.call(cfg.loss, logp, batch.old_logp, batch.token_adv, mask, **loss_hparams(cfg))  # [b, T']
+    token_adv = batch.token_adv  # [b, T']
+    if cfg.kl_source == "current":  # FRPO's KL-to-go from the current policy, detached (SPEC 7)
+        token_adv = token_credit(batch.seq_adv, batch.response_mask, cfg=cfg, old_logp=logp.detach(), ref_logp=batch.ref_logp)  # [b, T']
+    hp = loss_hparams(cfg)
+    if needs_sequence_weights(cfg) and batch.seq_weight is None:
+        raise ValueError(
+            f"algo.seq_weight = '{cfg.seq_weight}' needs the optimizer step's weights before its micro-batches: "
+            "the trainer must set batch.seq_weight[rows] = step.sequence_weights(batch.select(rows), logp, cfg=...) "
+            "for each mini-batch (see grpokit.train.step)"
+        )
+    if batch.seq_weight is not None:
+        hp["seq_ratio"] = batch.seq_weight  # [b]
+    per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
     if cfg.beta > 0 and cfg.kl_placement == "loss":
         kl = KL.call(cfg.kl_estimator, logp, batch.ref_logp)  # [b, T']
         per_tok = per_tok + cfg.beta * kl * mask
     loss = AGGREGATIONS.call(
         cfg.aggregation, per_tok, mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_const=norm_const
     )
+    s = {**s, "token_adv": token_adv}
     fm = mask.float()
     stats.add("ppo_kl", batch.old_logp - logp, fm)
     if batch.ref_logp is not None:
         stats.add("kl_ref", KL.call("k3", logp, batch.ref_logp), fm)
     for key, name in CLIP_STATS.items():
         stats.add(name, s[key].float(), fm)
-    for key, value in s.items():
-        if key.startswith("fipo_") and value.dim() == 2:
+    fipo_keys = [k for k in s if k.startswith("fipo_")]
+    if fipo_keys:
+        hp_all = resolved_loss_hparams(cfg)
+    for key in fipo_keys:
+        value = s[key]
+        if value.dim() == 2:
             name = "fipo/" + key[5:]
             stats.add(name, value.float(), fm)
             if key == "fipo_weight":
                 stats.add_extreme(name, value, mask)
-                stats.add("fipo/at_low", (value <= cfg.fipo_f_low + 1e-7).float(), fm)
-                stats.add("fipo/at_high", (value >= cfg.fipo_f_high - 1e-7).float(), fm)
-        elif key.startswith("fipo_"):
+                stats.add("fipo/at_low", (value <= float(hp_all["f_low"]) + 1e-7).float(), fm)
+                stats.add("fipo/at_high", (value >= float(hp_all["f_high"]) - 1e-7).float(), fm)
+        else:
             stats.add("fipo/" + key[5:], value.float(), torch.ones_like(value, dtype=torch.float32))
     return loss, s

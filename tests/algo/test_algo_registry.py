@@ -13,6 +13,7 @@ EXPECTED = {
     "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["k1", "k2", "k3"],
+    "seq_weight": ["adv_orthogonal", "min_replace", "none"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -20,8 +21,9 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "loss": {"clip_low", "clip_high", "dual_clip_c"},
     "aggregation": {"num_tokens", "num_seqs", "norm_const"},
     "kl": set(),
+    "seq_weight": set(),
 }
-POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2}
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3}
 
 
 def test_registries_and_exports():
@@ -64,3 +66,21 @@ def test_call_routes_only_declared_hyperparameters():
     for name in REGISTRIES["loss"]:
         per_tok, stats = REGISTRIES["loss"].call(name, x, x, x, mask, **every)
         assert per_tok.shape == (2, 3) and {"clipped_low", "clipped_high", "dual_clipped"} <= set(stats)
+
+
+def test_accepts_defaults_and_call_strict():
+    """What the config checks user-set fields against: the keywords a loss takes and acts on."""
+    losses = REGISTRIES["loss"]
+    assert losses.accepts("ppo_clip") == {"clip_low", "clip_high", "dual_clip_c"}
+    assert losses.accepts("gspo") == {"clip_low", "clip_high", "dual_clip_c", "seq_ratio"}
+    assert losses.accepts("cispo") == {"clip_low", "clip_high"}  # dual_clip_c is declared but ignored
+    assert {"tau", "f_low", "f_high", "safety", "drop_seqs"} <= losses.accepts("fipo")
+    assert losses.defaults("gspo")["clip_low"] == 3e-4 and losses.defaults("cispo")["clip_low"] == 1.0
+    x = torch.zeros(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"loss 'ppo_clip' does not take tau .*leave it unset or choose a loss"):
+        losses.call_strict("ppo_clip", x, x, x, mask, clip_low=0.2, tau=32.0)
+    with pytest.raises(ValueError, match=r"loss 'cispo' does not take dual_clip_c"):
+        losses.call_strict("cispo", x, x, x, mask, dual_clip_c=3.0)
+    per_tok, _ = losses.call_strict("fipo", x, x, x, mask, tau=8.0)
+    assert per_tok.shape == (2, 3)

@@ -85,3 +85,137 @@ def test_help_documents_every_field() -> None:
 def test_overlong_buffer_must_fit_in_max_new_tokens() -> None:
     with pytest.raises(ConfigError, match=r"rewards.overlong_buffer = 8 must be between 1 and rollout.max_new_tokens - 1 = 5"):
         load_config(None, ["rewards.overlong_buffer=8", "rollout.max_new_tokens=6"])
+
+
+# ------------------------------------------------------------------ issue 10, defect 8: the losses' own defaults
+
+# What each bundled recipe must resolve to (the hyperparameters its loss runs with), from its paper.
+PAPER_LOSS_HPARAMS = {
+    "cispo": {"clip_low": 1.0, "clip_high": 0.28},  # MiniMax-M1: no lower bound on the IS weight
+    "dapo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},  # clip-higher
+    "demo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": 10.0, "tau": 32.0, "f_low": 1.0, "f_high": 1.2,
+             "safety": 10.0, "drop_seqs": True},
+    "dr_grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
+    "fipo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": 10.0, "tau": 32.0, "f_low": 1.0, "f_high": 1.2,
+             "safety": 10.0, "drop_seqs": True},  # the 32B recipe
+    "frpo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
+    "grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
+    "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip_c": None},
+}
+
+
+def test_every_recipe_resolves_to_its_papers_loss_hyperparameters() -> None:
+    from grpokit.train.step import resolved_loss_hparams
+
+    assert sorted(PAPER_LOSS_HPARAMS) == [p.stem for p in RECIPES]
+    for path in RECIPES:
+        got = resolved_loss_hparams(load_config(path).algo)
+        for key, want in PAPER_LOSS_HPARAMS[path.stem].items():
+            assert got[key] == want, (path.stem, key, got[key])
+
+
+@pytest.mark.parametrize("loss,low,high", [("gspo", 3e-4, 4e-4), ("cispo", 1.0, 0.28), ("ppo_clip", 0.2, 0.2), ("fipo", 0.2, 0.28)])
+def test_set_loss_alone_runs_the_losses_own_defaults(loss: str, low: float, high: float) -> None:
+    """`--set algo.loss=gspo` used to run GSPO with clip 0.2, and CISPO with a lower bound 0.8."""
+    from grpokit.train.step import resolved_loss_hparams
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(None, [f"algo.loss={loss}", "train.updates_per_rollout=2"])
+    got = resolved_loss_hparams(cfg.algo)
+    assert (got["clip_low"], got["clip_high"]) == (low, high)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(None, [f"algo.loss={loss}", "algo.clip_high=0.5", "train.updates_per_rollout=2"], algo={"clip_low": 0.1})
+    got = resolved_loss_hparams(cfg.algo)
+    assert (got["clip_low"], got["clip_high"]) == (0.1, 0.5)  # explicit values (keyword section, --set) win
+
+
+def test_a_set_field_the_loss_does_not_take_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"algo.fipo_tau = 16.0 is set, but algo.loss = 'ppo_clip' does not take it .*fipo"):
+        load_config(None, ["algo.fipo_tau=16"])
+    with pytest.raises(ConfigError, match=r"algo.dual_clip_c = 3.0 is set, but algo.loss = 'cispo' does not take it"):
+        load_config(None, ["algo.loss=cispo", "algo.dual_clip_c=3"])
+    fipo = next(p for p in RECIPES if p.stem == "fipo")
+    with pytest.raises(ConfigError, match=r"algo.fipo_\w+ = .* is set, but algo.loss = 'ppo_clip'.*remove"):
+        load_config(fipo, ["algo.loss=ppo_clip"])  # the recipe's FIPO fields count as set
+
+
+def test_unset_loss_fields_round_trip_and_help_shows_each_losses_default(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(None, ["algo.loss=gspo", "algo.clip_high=0.001"])
+    assert cfg.algo.clip_low is None and cfg.algo.clip_high == 0.001
+    save_config(cfg, tmp_path / "c.toml")
+    assert "clip_low" not in (tmp_path / "c.toml").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_config(tmp_path / "c.toml") == cfg
+    text = help_text()
+    assert "algo.clip_low (float, default: the loss's own (cispo 1.0, fipo 0.2, gspo 0.0003, ppo_clip 0.2))" in text
+    assert "algo.fipo_tau (float, default 32.0 (fipo's own))" in text
+
+
+def test_loss_field_ranges() -> None:
+    with pytest.raises(ConfigError, match=r"algo.dual_clip_c must be > 1 \(or 0 = off\)"):
+        load_config(None, ["algo.dual_clip_c=0.5"])
+    with pytest.raises(ConfigError, match=r"algo.clip_low must be a number >= 0"):
+        load_config(None, ["algo.clip_low=-0.1"])
+    with pytest.raises(ConfigError, match=r"0 <= algo.fipo_f_low <= algo.fipo_f_high, got 1.5 and 1.2"):
+        load_config(None, ["algo.loss=fipo", "algo.fipo_f_low=1.5", "train.updates_per_rollout=2"])
+
+
+# ------------------------------------------------------------------ issue 10, defects 7 and 9: refuse or warn
+
+
+def test_more_optimizer_steps_than_rows_is_an_error_saying_what_to_change() -> None:
+    with pytest.raises(ConfigError, match=r"train.updates_per_rollout = 9 exceeds the 8 sequences .*2 x 4.*set train.updates_per_rollout <= 8"):
+        load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.updates_per_rollout=9"])
+    load_config(None, ["rollout.prompts_per_step=2", "rollout.group_size=4", "train.updates_per_rollout=8"])
+
+
+def test_temperature_zero_cannot_train() -> None:
+    with pytest.raises(ConfigError, match=r"rollout.temperature = 0.0 cannot train.*set rollout.temperature > 0"):
+        load_config(None, ["rollout.temperature=0"])
+
+
+def test_k1_in_the_loss_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'k1' in the loss has zero expected gradient.*'k3'.*algo.kl_placement = 'reward'"):
+        load_config(None, ["algo.beta=0.04", "algo.kl_estimator=k1"])
+    load_config(None, ["algo.beta=0.04", "algo.kl_estimator=k1", "algo.kl_placement=reward"])  # k1 in the reward is right
+    load_config(None, ["algo.kl_estimator=k1"])  # beta = 0: no KL at all
+
+
+def test_gspo_with_token_mean_and_frpo_with_unbiased_std_warn() -> None:
+    with pytest.warns(UserWarning, match=r"GSPO is defined with the sequence-level mean.*seq_mean_token_mean"):
+        load_config(None, ["algo.loss=gspo", "algo.aggregation=token_mean"])
+    frpo = ["algo.credit=frpo", "algo.kl_placement=advantage", "algo.beta=0.01"]
+    with pytest.warns(UserWarning, match=r"FRPO paper .* population std.*algo.std = 'population'"):
+        load_config(None, frpo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, [*frpo, "algo.std=population"])
+        load_config(None, ["algo.loss=gspo", "algo.aggregation=seq_mean_token_mean"])
+
+
+# ------------------------------------------------------------------ issue 10, defect 14: the new fields
+
+
+def test_seq_weight_needs_a_loss_with_sequence_weights() -> None:
+    with pytest.raises(ConfigError, match=r"algo.seq_weight = 'min_replace' .* algo.loss = 'ppo_clip' does not have; use it with algo.loss = 'gspo'"):
+        load_config(None, ["algo.seq_weight=min_replace"])
+    with pytest.raises(ConfigError, match=r"algo.seq_weight: unknown seq_weight 'min'"):
+        load_config(None, ["algo.loss=gspo", "algo.seq_weight=min"])
+    cfg = load_config(None, ["algo.loss=gspo", "algo.aggregation=seq_mean_token_mean", "algo.seq_weight=adv_orthogonal",
+                             "train.updates_per_rollout=2"])
+    assert cfg.algo.seq_weight == "adv_orthogonal"
+    with pytest.warns(UserWarning, match=r"every sequence ratio s_i is 1"):
+        load_config(None, ["algo.loss=gspo", "algo.aggregation=seq_mean_token_mean", "algo.seq_weight=min_replace"])
+
+
+def test_kl_source_current_needs_frpo() -> None:
+    with pytest.raises(ConfigError, match=r"algo.kl_source = 'current' only changes where FRPO's KL-to-go"):
+        load_config(None, ["algo.kl_source=current"])
+    cfg = load_config(None, ["algo.credit=frpo", "algo.kl_placement=advantage", "algo.beta=0.01", "algo.std=population",
+                             "algo.kl_source=current"])
+    assert cfg.algo.kl_source == "current"
