@@ -77,7 +77,7 @@ def rollout_metrics(col: Any, batch: Any, *, group_size: int) -> dict[str, float
     from grpokit import dist
 
     sb, real = col.batch, col.global_row >= 0  # [B]
-    idx = real.nonzero().flatten().tolist()
+    idx = (real & sc_valid(col)).nonzero().flatten().tolist()  # rows with a reward (a 'skip'ped error has none)
     sc, roll = sb.scores, sb.rollout
     mine = {
         "gid": (col.global_row[idx] // group_size).tolist(), "total": sc.total[idx].tolist(),
@@ -124,6 +124,10 @@ def rollout_metrics(col: Any, batch: Any, *, group_size: int) -> dict[str, float
     if batch.ref_logp is not None:
         m["kl_ref_rollout"] = tot[6] / n
     return m
+
+
+def sc_valid(col: Any) -> torch.Tensor:
+    return col.batch.scores.valid.bool()  # [B]
 
 
 def sample_records(tokenizer: Any, col: Any, credit: torch.Tensor, *, group_size: int, limit: int) -> list[dict[str, Any]]:

@@ -18,7 +18,10 @@ import torch
 
 from grpokit import dist
 from grpokit.train.collect import Collected
-from grpokit.train.step import Batch, StatSums, micro_batch_loss, plan_microbatches, sequence_advantages, token_credit
+from grpokit.train.step import (
+    Batch, StatSums, cancellation_metrics, micro_batch_loss, needs_sequence_weights, plan_microbatches, plan_minibatches,
+    sequence_advantages, sequence_weights, token_credit,
+)
 
 
 def score_tokens(ctx: Any, module: Any, sub: Batch, *, entropy: bool = False) -> Any:
@@ -65,18 +68,16 @@ def logprob_pass(ctx: Any, module: Any, batch: Batch, micro: list[torch.Tensor])
 
 
 def global_advantages(ctx: Any, rewards: torch.Tensor, group_ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """Advantages over every rank's counted rows (batch-wide estimators see the whole batch; a row not counted,
-    such as a skipped reward error or a placeholder, is left out of its group's statistics and gets 0).
+    """Advantages over every rank's rows (batch-wide estimators see the whole batch); a row not counted (a
+    skipped reward error, a placeholder) is left out of its group's statistics and gets 0.
     rewards [B], group_ids [B] (global), counted [B] bool -> [B]."""
-    idx = counted.nonzero().flatten()  # [n]
-    parts = dist.all_gather_objects((rewards[idx].tolist(), group_ids[idx].tolist()))
-    all_r = torch.tensor([x for r, _ in parts for x in r], dtype=torch.float32)  # [N]
-    all_g = torch.tensor([g for _, gs in parts for g in gs], dtype=torch.long)  # [N]
-    adv = torch.zeros_like(rewards, dtype=torch.float32)  # [B]
-    if len(all_r):
-        start = sum(len(r) for r, _ in parts[: dist.rank()])
-        adv[idx] = sequence_advantages(all_r, all_g, cfg=ctx.cfg.algo)[start : start + len(idx)]
-    return adv
+    parts = dist.all_gather_objects((rewards.tolist(), group_ids.tolist(), counted.tolist()))
+    all_r = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float32)  # [N]
+    all_g = torch.tensor([x for p in parts for x in p[1]], dtype=torch.long)  # [N]
+    all_v = torch.tensor([x for p in parts for x in p[2]], dtype=torch.bool)  # [N]
+    start = sum(len(p[0]) for p in parts[: dist.rank()])
+    adv = sequence_advantages(all_r, all_g, cfg=ctx.cfg.algo, valid=all_v)  # [N]
+    return adv[start : start + len(rewards)]  # [B]
 
 
 def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batch:
@@ -106,22 +107,6 @@ def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batc
     batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
     batch.token_adv = token_credit(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp, ref_logp=batch.ref_logp)
     return batch
-
-
-def minibatch_bounds(n: int, k: int) -> list[tuple[int, int]]:
-    """k contiguous [lo, hi) ranges over n global rows whose sizes differ by at most one."""
-    if n < k:
-        raise ValueError(
-            f"train.updates_per_rollout = {k} optimizer steps cannot be cut from a batch of {n} sequences; "
-            f"lower train.updates_per_rollout or raise rollout.prompts_per_step x rollout.group_size"
-        )
-    q, r = divmod(n, k)
-    bounds, lo = [], 0
-    for j in range(k):
-        hi = lo + q + (1 if j < r else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
 
 
 def reduce_stats(stats: StatSums) -> dict[str, float]:
@@ -160,13 +145,22 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
     # forward and its backward, which never receive the (sharded) gradients
     params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
     fresh = not recompute_old_logprobs(c)
-    for lo, hi in minibatch_bounds(n_global, c.train.updates_per_rollout):
+    seq_w = torch.ones(len(global_row)) if c.algo.loss == "gspo" else None  # [B] the weights GSPO used (SPEC 8)
+    for j, span in enumerate(plan_minibatches(n_global, c.train.updates_per_rollout)):
+        lo, hi = int(span[0]), int(span[-1]) + 1  # global rows [lo, hi)
         mb = ((global_row >= lo) & (global_row < hi)).nonzero().flatten()  # [b] this rank's rows of it
         counts = dist.all_reduce_sum([float(batch.loss_mask[mb].sum()), float(len(mb))])
         n_tok, n_seq = max(float(counts[0]), 1.0), float(counts[1])
         micro = plan_microbatches(lengths[mb], micro_batch_size=c.train.micro_batch_size,
                                   max_tokens=c.train.max_tokens_per_microbatch) if len(mb) else []
         plan = padded_plan(micro, mb if len(mb) else torch.arange(1))
+        if needs_sequence_weights(c.algo):  # GSPO's transformed s_i over the whole step, before its micro-batches
+            if batch.seq_weight is None:
+                batch.seq_weight = torch.ones(len(global_row))  # [B]
+            step_rows = batch.select(mb if len(mb) else torch.arange(1))
+            cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
+            if len(mb):
+                batch.seq_weight[mb] = sequence_weights(step_rows, cur, cfg=c.algo).cpu()
         ctx.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for k, (idx, weight) in enumerate(plan):
@@ -185,8 +179,11 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
                                            norm_const=norm_const, stats=stats if weight else sink)
                 (loss * weight * dist.world_size()).backward()
             total += loss.detach().double().cpu() * weight
-            if weight and "fipo_weight" in s:
-                credit[idx, : sub.response_len] = (sub.token_adv * s["fipo_weight"]).cpu()
+            if weight:  # the credit the loss used (FRPO kl_source = 'current' recomputes it), x FIPO's weight
+                used = s.get("token_adv", sub.token_adv) * s.get("fipo_weight", 1.0)  # [b, T']
+                credit[idx, : sub.response_len] = used.cpu()
+                if seq_w is not None and "seq_ratio" in s:
+                    seq_w[idx] = s["seq_ratio"].detach().float().cpu()
         loss_sum = float(dist.all_reduce_sum([float(total)])[0])
         gn = torch.nn.utils.clip_grad_norm_(params, c.train.grad_clip if c.train.grad_clip > 0 else float("inf"))
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -199,6 +196,8 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
         grad_norms.append(gn)
         losses.append(loss_sum)
     out = reduce_stats(stats)
+    res = cancellation_metrics(batch, seq_weights=seq_w)["cancel/residual"]  # this rank's groups
+    out["cancel/residual"] = float(np.mean([r for r in dist.all_gather_objects(res)]))  # mean over ranks
     out.update({"loss": float(np.mean(losses)) if losses else float("nan"),
                 "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
                 "lr": ctx.scheduler.get_last_lr()[0], "nonfinite_updates": float(skipped)})

@@ -1,4 +1,4 @@
-"""The update's bookkeeping: mini-batch cuts (exactly k optimizer steps), advantages that leave skipped rows
+"""The update's bookkeeping: advantages that leave skipped rows
 out of their group's statistics, and which configs need the old-log-prob pass."""
 from __future__ import annotations
 
@@ -8,20 +8,7 @@ import pytest
 import torch
 
 from grpokit.config import load_config
-from grpokit.train.update import global_advantages, minibatch_bounds, recompute_old_logprobs
-
-
-@pytest.mark.parametrize("n,k", [(12, 8), (16, 2), (7, 7), (64, 5), (3, 1)])
-def test_minibatches_are_exactly_k_of_near_equal_size(n: int, k: int) -> None:
-    bounds = minibatch_bounds(n, k)
-    sizes = [hi - lo for lo, hi in bounds]
-    assert len(bounds) == k and sum(sizes) == n and max(sizes) - min(sizes) <= 1
-    assert all(b[1] == a[0] for b, a in zip(bounds, bounds[1:])) and bounds[0][0] == 0
-
-
-def test_fewer_rows_than_updates_is_refused() -> None:
-    with pytest.raises(ValueError, match="updates_per_rollout = 8 .* batch of 5"):
-        minibatch_bounds(5, 8)
+from grpokit.train.update import global_advantages, recompute_old_logprobs
 
 
 def test_skipped_rows_are_left_out_of_the_group_statistics() -> None:
