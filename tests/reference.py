@@ -347,3 +347,20 @@ def make_batch(b: int, t: int, *, seed: int, dtype: torch.dtype = torch.float64,
     out = {k: v.to(dtype) for k, v in out.items()}
     out.update(mask=mask, group_ids=group_ids, rewards=rewards.to(dtype), seq_adv=seq_adv.to(dtype), ids=ids)
     return out
+
+
+# ---------------------------------------------------------------------------- chunked log-softmax (scoring)
+
+def selective_logprob_loop(hidden, weight, bias, targets, temperature):
+    """Twin of `grpokit.rollout.logprobs.ChunkedLogprob`: one token at a time, its full row of logits in
+    float64. Returns (logp [N], entropy [N]) float64, differentiable w.r.t. hidden, weight and bias."""
+    logps, ents = [], []
+    for n in range(hidden.shape[0]):
+        z = hidden[n].double() @ weight.double().T  # [V]
+        if bias is not None:
+            z = z + bias.double()
+        z = z / temperature  # [V]
+        logp_all = z - torch.logsumexp(z, dim=0)  # [V]
+        logps.append(logp_all[targets[n]])
+        ents.append(-(logp_all.exp() * logp_all).sum())
+    return torch.stack(logps), torch.stack(ents)
