@@ -353,6 +353,7 @@ class ChunkedLogprob(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if want_w else None  # [V, H]
         grad_b = torch.zeros_like(bias) if want_b else None  # [V]
         h_c = hidden.to(cdt)  # [N, H]
+        rows = torch.arange(N, device=hidden.device)  # [N]
         for start in range(0, V, chunk):
             end = min(start + chunk, V)
             with torch.autocast(hidden.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
@@ -361,7 +362,7 @@ class ChunkedLogprob(torch.autograd.Function):
             dz = -p * g_logp[:, None]  # [N, C]: d logp / dz = onehot - p
             inside = (targets >= start) & (targets < end)  # [N]
             cols = (targets - start).clamp(0, end - start - 1)  # [N]
-            dz.scatter_add_(1, cols[:, None], torch.where(inside, g_logp, 0.0)[:, None])  # [N, C]
+            dz[rows, cols] += torch.where(inside, g_logp, 0.0)  # [N, C]: one entry per row, no index repeats
             if g_ent is not None:
                 dz -= p * ((z - lse[:, None]) + entropy[:, None]) * g_ent.float()[:, None]  # [N, C]: dH/dz
             dl = (dz / tau if tau != 1.0 else dz).to(cdt)  # [N, C]: d/d logits
@@ -391,8 +392,18 @@ def output_head(model: Any) -> torch.nn.Linear | None:
         head = get() if callable(get) else None
         if head is not None:
             ok = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-            return head if ok and head not in _UNSPLITTABLE else None
+            return head if ok and not _sharded_alone(head) and head not in _UNSPLITTABLE else None
     return None
+
+
+def _sharded_alone(head: torch.nn.Module) -> bool:
+    """Whether FSDP2 wraps the head as its own unit: it would reshard the weight right after the head's forward,
+    before the chunked backward reads it (grpokit.dist.wrap shards only the layers and the root)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(head, FSDPModule)
 
 
 #: Heads whose model transforms the logits after the head (soft-capping, scaling): scored unchunked.

@@ -294,3 +294,86 @@ def test_scoring_a_model_never_creates_a_b_t_v_tensor():
         sizes[chunk] = seen.largest
     assert sizes[0] >= B * T * 4096
     assert sizes[256] == 4096 * 16 <= B * T * 4096 // 8
+
+
+DATA_PARALLEL_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path[:0] = [{tests!r}, {rollout!r}]
+from grpokit.models import enable_gradient_checkpointing, make_tiny
+from grpokit.rollout.logprobs import output_head, score_logprobs
+from test_logprobs import grouped_batch
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+plain, tok = make_tiny(seed=1)
+model, _ = make_tiny(seed=1)
+enable_gradient_checkpointing(model)
+if {strategy!r} == "fsdp2":
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    wrapped = model
+else:
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+ids, mask, T = grouped_batch(tok, [3, 1, 4, 2], seed=rank)
+w = torch.randn(ids.shape[0], T, generator=torch.Generator().manual_seed(rank))
+for m, chunk in ((plain, 0), (wrapped, 16)):
+    logp, ent = score_logprobs(m, ids, mask, T, temperature=0.7, return_entropy=True, pad_id=tok.pad_token_id,
+                               vocab_chunk=chunk)
+    ((logp * w).sum() + 0.1 * (ent * w).sum()).backward()
+assert output_head(wrapped) is not None, "fell back to full logits"
+for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+    want = p.grad.clone()
+    dist.all_reduce(want)  # FSDP2 averages over ranks
+    want /= dist.get_world_size()
+    got = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()) + 1e-8, rtol=1e-4, msg=n)
+dist.destroy_process_group()
+print("DP-CHUNKED-OK", rank)
+"""
+
+
+@pytest.mark.parametrize("strategy,nproc", [("fsdp2", 1), pytest.param("fsdp2", 2, marks=pytest.mark.slow),
+                                            pytest.param("ddp", 2, marks=pytest.mark.slow)])
+def test_data_parallel_model_scores_chunked_with_equal_gradients(tmp_path, strategy, nproc):
+    """Under FSDP2 (layers and root sharded, gradient checkpointing on) the chunked head runs inside the root's
+    forward on its unsharded weight, and under DDP inside the wrapped module: packed, chunked scoring gives the
+    plain model's rank-averaged gradients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    script = tmp_path / "fsdp2_chunked.py"
+    script.write_text(DATA_PARALLEL_SCRIPT.format(tests=str(here.parent), rollout=str(here), strategy=strategy))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    root = str(here.parent.parent)  # this checkout's grpokit, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    if nproc == 1:  # one process needs no launcher: the env:// rendezvous variables suffice
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, str(script)]
+    else:
+        cmd = [torchrun, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.count("DP-CHUNKED-OK") == nproc, proc.stderr[-4000:]
+
+
+def test_fully_masked_rows_and_no_scored_token():
+    model, _, ids, mask, T = tiny_ragged()
+    mask = mask.clone()
+    mask[1, -T:] = False  # a row without response tokens
+    want = model_grads(model, token_logprobs, ids, mask, T, vocab_chunk=0)
+    got = model_grads(model, token_logprobs, ids, mask, T, vocab_chunk=16)
+    assert_same(got, want)
+    assert (got[0][1] == 0).all() and (got[1][1] == 0).all()
+    mask[:, -T:] = False  # nothing to score: N = 0
+    logp, ent = token_logprobs(model, ids, mask, T, return_entropy=True, vocab_chunk=16)
+    assert logp.shape == ent.shape == (4, T) and (logp == 0).all() and (ent == 0).all()
+    logp.sum().backward()  # a graph without scored tokens still backpropagates (zero gradients)
