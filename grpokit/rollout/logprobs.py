@@ -83,6 +83,8 @@ def token_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for scoring, got {temperature}; use 1.0 for greedy rollouts")
+    if vocab_chunk < 0:
+        raise ValueError(f"vocab_chunk must be >= 0 (0 = full logits), got {vocab_chunk}; the default is {VOCAB_CHUNK}")
     total = input_ids.shape[1]
     if not 0 < response_len < total:
         raise ValueError(

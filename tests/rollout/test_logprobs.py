@@ -78,6 +78,8 @@ def test_rejects_bad_arguments(tiny):
         token_logprobs(model, ids, ids.bool(), 2, temperature=0.0)
     with pytest.raises(ValueError, match="response_len"):
         token_logprobs(model, ids, ids.bool(), 4)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        token_logprobs(model, ids, ids.bool(), 2, vocab_chunk=-1)
 
 
 # ---------------------------------------------------------------------------- shared-prompt packing
