@@ -42,7 +42,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     forward = type(self).forward  # the class's own forward (FSDP2's subclass keeps it), unbound
-    records = torch.is_grad_enabled() and all(kwargs.get(k) is None for k in CACHE_KWARGS) and not kwargs.get("use_cache")
+    caches = any(kwargs.get(k) is not None for k in CACHE_KWARGS) or kwargs.get("use_cache")
+    records = torch.is_grad_enabled() and not caches
     if not records:
         return forward(self, *args, **kwargs)
     return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)

@@ -239,7 +239,8 @@ def packed_token_logprobs(
     impl = attention_implementation(model)
     if impl not in BLOCK_MASK_ATTENTION:
         raise ValueError(
-            f"prompt packing needs an attention backend that honours a 4-D block mask ({', '.join(BLOCK_MASK_ATTENTION)}); "
+            "prompt packing needs an attention backend that honours a 4-D block mask "
+            f"({', '.join(BLOCK_MASK_ATTENTION)}); "
             f"this model uses {impl!r}, which would attend across the packed sequences. Call score_logprobs (it falls "
             "back to unpacked scoring) or set train.pack_prompts = false"
         )
@@ -267,7 +268,8 @@ def score_logprobs(
     """The trainer's scoring call: packed (`packed_token_logprobs`) where prompts are shared, packing pays
     (`packing_pays`) and the attention backend honours a block mask (`BLOCK_MASK_ATTENTION`), else
     `token_logprobs`. Same contract as `token_logprobs`; both use the chunked log-softmax (``vocab_chunk``)."""
-    opts = dict(temperature=temperature, return_entropy=return_entropy, entropy_grad=entropy_grad, vocab_chunk=vocab_chunk)
+    opts = dict(temperature=temperature, return_entropy=return_entropy, entropy_grad=entropy_grad,
+                vocab_chunk=vocab_chunk)
     if (pack and accepts_logits_to_keep(model) and input_ids.shape[1] > response_len
             and attention_implementation(model) in BLOCK_MASK_ATTENTION):
         groups = prompt_groups(input_ids, attention_mask, response_len)
@@ -358,7 +360,8 @@ class ChunkedLogprob(torch.autograd.Function):
         rows = torch.arange(N, device=hidden.device)  # [N]
         for start in range(0, V, chunk):
             end = min(start + chunk, V)
-            with torch.autocast(hidden.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+            with torch.autocast(hidden.device.type, dtype=ctx.autocast or torch.bfloat16,
+                                enabled=ctx.autocast is not None):  # the forward's autocast state: the same logits
                 z = _chunk_logits(hidden, weight, bias, start, end, tau)  # [N, C]
             p = torch.exp(z - lse[:, None])  # [N, C]
             dz = -p * g_logp[:, None]  # [N, C]: d logp / dz = onehot - p
@@ -452,7 +455,9 @@ def _chunked_scores(
         else:
             head.forward = own
     probe = found.get("probe")
-    if probe is None or not (logits is probe or (logits.shape == probe.shape and torch.equal(logits.float(), probe.float()))):
+    same = probe is not None and (logits is probe or (logits.shape == probe.shape
+                                                       and torch.equal(logits.float(), probe.float())))
+    if not same:
         _UNSPLITTABLE.add(head)
         return None
     return found["scores"]

@@ -197,7 +197,7 @@ def test_evaluate_with_real_pieces_if_present():
     assert g["pass@k"]["1"] == g["pass@k"]["2"] == g["avg@k"] and g["cons@k"] == g["avg@k"]
 
 
-# ------------------------------------------------------------------ one extractor: cons@k votes what numeric_match reads
+# ------------------------------------------------- one extractor: cons@k votes what numeric_match reads
 
 #: (completion, the number numeric_match reads in it). "5-3" is a subtraction: its last number is 3, not -3.
 AGREEMENT_CASES = [
