@@ -4,22 +4,23 @@ Hugging Face checkpoints a decoder layer only when ``self.training`` is set, but
 in eval mode (no dropout: the sampler, the scorer and the update must see one and the same function), so
 ``model.gradient_checkpointing_enable()`` alone never recomputes anything there. `enable_gradient_checkpointing`
 instead wraps each decoder layer's ``forward`` in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
-whenever autograd records (grad enabled, no KV cache): the layer's activations are dropped after the forward
-and recomputed in the backward pass. Without grad (sampling, old/reference scoring) the layer runs as is, KV
-cache included. The layer's module hooks (FSDP2's unshard/reshard) stay outside the checkpoint, so they run
+whenever autograd records (grad enabled; a KV cache is then left unfilled, as Hugging Face does): the layer's
+activations are dropped after the forward and recomputed in the backward pass. Without grad (sampling,
+old/reference scoring) the layer runs as is, KV cache included. The layer's module hooks (FSDP2's unshard/reshard) stay outside the checkpoint, so they run
 once, and the parameter names and ``state_dict`` are unchanged.
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-#: Keyword arguments through which a decoder layer receives a KV cache. A layer that writes a cache is never
-#: checkpointed: the backward replay would append to the cache a second time.
+#: Keyword arguments through which a decoder layer receives a KV cache. Under grad they are cleared (as Hugging
+#: Face does in training mode): the backward replay would append to the cache a second time.
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _MARK = "_grpokit_checkpointed"
 
@@ -42,10 +43,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     forward = type(self).forward  # the class's own forward (FSDP2's subclass keeps it), unbound
-    caches = any(kwargs.get(k) is not None for k in CACHE_KWARGS) or kwargs.get("use_cache")
-    records = torch.is_grad_enabled() and not caches
-    if not records:
+    if not torch.is_grad_enabled():  # nothing to recompute: run as is, KV cache included
         return forward(self, *args, **kwargs)
+    if any(kwargs.get(k) is not None for k in CACHE_KWARGS) or kwargs.get("use_cache"):
+        warnings.warn("gradient checkpointing: a forward with grad does not fill the KV cache (the backward replay "
+                      "would write it twice); pass use_cache=False when training", stacklevel=3)
+        for k in CACHE_KWARGS:
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
     return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
 
 

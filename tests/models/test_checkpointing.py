@@ -95,6 +95,17 @@ def test_no_grad_sampling_and_cache_are_untouched():
     assert out.shape == (2, ids.shape[1] + 4)
 
 
+def test_a_grad_forward_with_use_cache_still_recomputes():
+    model, tok = make_tiny(seed=0)
+    ids, mask = batch(tok)
+    enable_gradient_checkpointing(model)
+    counter = SublayerCalls(model)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    out.logits.sum().backward()
+    assert counter.calls == 2 * counter.n_sub
+
+
 def test_train_mode_and_deep_copies():
     model, tok = make_tiny(seed=0)
     ids, mask = batch(tok)
