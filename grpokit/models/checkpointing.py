@@ -6,8 +6,9 @@ in eval mode (no dropout: the sampler, the scorer and the update must see one an
 instead wraps each decoder layer's ``forward`` in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
 whenever autograd records (grad enabled; a KV cache is then left unfilled, as Hugging Face does): the layer's
 activations are dropped after the forward and recomputed in the backward pass. Without grad (sampling,
-old/reference scoring) the layer runs as is, KV cache included. The layer's module hooks (FSDP2's unshard/reshard) stay outside the checkpoint, so they run
-once, and the parameter names and ``state_dict`` are unchanged.
+old/reference scoring) the layer runs as is, KV cache included. The layer's module hooks (FSDP2's
+unshard/reshard) stay outside the checkpoint, so they run once, and the parameter names and ``state_dict``
+are unchanged.
 """
 
 from __future__ import annotations
