@@ -405,3 +405,19 @@ def gspo_weighted(logp, old_logp, adv, mask, group_ids, seq_adv, *, clip_low, cl
                 inside = (a > 0 and w[i] <= 1 + clip_high) or (a < 0 and w[i] >= 1 - clip_low)
                 grad[i, j] = -a * w[i] if inside else 0.0
     return out, torch.tensor(w, dtype=torch.float64), grad
+
+# ---------------------------------------------------------------------------- chunked log-softmax (scoring)
+
+def selective_logprob_loop(hidden, weight, bias, targets, temperature):
+    """Twin of `grpokit.rollout.logprobs.ChunkedLogprob`: one token at a time, its full row of logits in
+    float64. Returns (logp [N], entropy [N]) float64, differentiable w.r.t. hidden, weight and bias."""
+    logps, ents = [], []
+    for n in range(hidden.shape[0]):
+        z = hidden[n].double() @ weight.double().T  # [V]
+        if bias is not None:
+            z = z + bias.double()
+        z = z / temperature  # [V]
+        logp_all = z - torch.logsumexp(z, dim=0)  # [V]
+        logps.append(logp_all[targets[n]])
+        ents.append(-(logp_all.exp() * logp_all).sum())
+    return torch.stack(logps), torch.stack(ents)

@@ -1,5 +1,7 @@
-"""Causal LMs: loading (local dir, hub id, built-ins), the frozen reference copy, LoRA, precision helpers."""
+"""Causal LMs: loading (local dir, hub id, built-ins), the frozen reference copy, LoRA, precision helpers,
+activation checkpointing."""
 
+from grpokit.models.checkpointing import enable_gradient_checkpointing
 from grpokit.models.lora import apply_lora, merged_copy
 from grpokit.models.loading import BUILTIN_MODELS, cache_root, load_model, normalize_tokenizer, ref_model, resolve_dtype
 from grpokit.models.precision import autocast_context, resolve_precision
@@ -10,6 +12,7 @@ __all__ = [
     "apply_lora",
     "autocast_context",
     "cache_root",
+    "enable_gradient_checkpointing",
     "load_model",
     "make_tiny",
     "merged_copy",

@@ -65,6 +65,8 @@ def load_model(
 
     A directory that exists wins over a built-in name of the same spelling. The model is returned in eval mode
     on ``device`` with parameters in ``dtype``; the tokenizer is normalised (see the module docstring).
+    Training keeps eval mode (no dropout), where Hugging Face's ``gradient_checkpointing_enable()`` does
+    nothing: use `grpokit.models.enable_gradient_checkpointing` instead.
     """
     torch_dtype = resolve_dtype(dtype)
     name = os.fspath(name_or_path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from grpokit.report.metrics import (
     length_stats,
     pass_at_k_per_problem,
 )
+from grpokit.rewards.extract import answer_key
 
 # Reward totals at or above this count as correct by default: verifiable rewards give 1 for right.
 DEFAULT_CORRECT_THRESHOLD = 1.0
@@ -87,41 +87,9 @@ def by_reward(name: str, threshold: float = DEFAULT_CORRECT_THRESHOLD) -> Correc
     return correct
 
 
-_BOXED = "\\boxed{"
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(_BOXED)
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None  # unbalanced: treat as no answer
-
-
-def _normalise_number(s: str) -> str:
-    s = s.replace(",", "").lstrip("+")
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return "0" if s in ("-0", "") else s
-
-
-def default_extract_answer(completion: str) -> str | None:
-    """The answer used for cons@k voting: the last `\\boxed{...}`, else the last number, else None.
-
-    Mirrors the rule of the `numeric_match` reward. Numbers are normalised ("1,000.50" -> "1000.5")
-    so equal values vote together; boxed contents are kept verbatim (stripped), or normalised when
-    they are a plain number.
-    """
-    boxed = _last_boxed(completion)
-    if boxed is not None:
-        return _normalise_number(boxed) if _NUMBER.fullmatch(boxed) else boxed
-    nums = _NUMBER.findall(completion)
-    return _normalise_number(nums[-1]) if nums else None
+#: The cons@k vote key of a completion: the number `numeric_match` reads, written canonically
+#: (`grpokit.rewards.extract.answer_key`); one extractor for rewards and evaluation.
+default_extract_answer = answer_key
 
 
 def _normalise_scores(result: Any, batch: int) -> Scores:

@@ -1,5 +1,9 @@
 """Answer extraction from model text: the last `\\boxed{...}`, the last number, `<answer>` tags.
 
+One extractor serves both the reward and the evaluation: `numeric_match` compares `extract_number` of the
+completion and of the reference, and cons@k votes on `answer_key`, which is that same number written
+canonically (so two completions vote together exactly when `numeric_match` reads the same number in them).
+
 Numbers are returned as `fractions.Fraction` so "3", "3.0" and "3.00" compare equal exactly, and
 "1,234" (comma thousands separators) reads as 1234. A leading minus (ASCII or U+2212) counts as a sign
 only when it is not glued to a preceding word or digit: "5-3" ends in the number 3, "x = -3" in -3.
@@ -74,3 +78,35 @@ def extract_number(text: str) -> Fraction | None:
         return whole if whole is not None else last_number(boxed)
     whole = parse_number(text)
     return whole if whole is not None else last_number(text)
+
+
+def format_number(value: Fraction) -> str:
+    """`value` written canonically: "3", "-3", "1000.5" (a terminating decimal), else "p/q" ("1/3")."""
+    den = value.denominator
+    twos = fives = 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    if places == 0:
+        return str(value.numerator)
+    scaled = value * 10**places  # an integer: the decimal digits
+    sign, digits = ("-" if scaled < 0 else ""), str(abs(int(scaled))).rjust(places + 1, "0")
+    return f"{sign}{digits[:-places]}.{digits[-places:]}"
+
+
+def answer_key(text: str) -> str | None:
+    """The answer of a completion as a vote key for cons@k (`grpokit.report.evaluate`).
+
+    The number `extract_number` reads (the one `numeric_match` grades), written by `format_number`, so
+    "4", "4.0" and "\\boxed{4}" vote together and "5-3" votes 3. A completion without any number votes with
+    the stripped content of its last `\\boxed{...}` if it has one (e.g. "\\pi"), else does not vote (None).
+    """
+    number = extract_number(text)
+    if number is not None:
+        return format_number(number)
+    boxed = last_boxed(text)
+    return (boxed.strip() or None) if boxed is not None else None

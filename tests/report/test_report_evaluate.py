@@ -150,7 +150,9 @@ def test_reward_sets_own_correctness_is_the_default():
 
 
 def test_extract_answer_default_and_custom():
-    assert default_extract_answer("so 1,000.50 then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert default_extract_answer("so 1,000.50 then \\boxed{\\frac{1}{2}}") == "0.5"
+    assert default_extract_answer("then \\boxed{\\frac{1}{3}}") == "1/3"
+    assert default_extract_answer("it is \\boxed{\\pi}") == "\\pi"  # no number: the boxed text votes
     assert default_extract_answer("first 3 then 1,000.50") == "1000.5"
     assert default_extract_answer("\\boxed{4.0}") == "4"
     assert default_extract_answer("no digits") is None
@@ -193,3 +195,49 @@ def test_evaluate_with_real_pieces_if_present():
     assert all(isinstance(s["completion"], str) for s in a["samples"]) and len(a["samples"]) == 2
     g = evaluate(model, tok, rows, temperature=0.0, **kw)  # greedy (top_k=1): the k samples agree
     assert g["pass@k"]["1"] == g["pass@k"]["2"] == g["avg@k"] and g["cons@k"] == g["avg@k"]
+
+
+# ------------------------------------------------- one extractor: cons@k votes what numeric_match reads
+
+#: (completion, the number numeric_match reads in it). "5-3" is a subtraction: its last number is 3, not -3.
+AGREEMENT_CASES = [
+    ("5-3", "3"), ("x = -3", "-3"), ("x=-3", "-3"), ("\u22123 apples", "-3"), ("so 10-7=3", "3"),
+    ("1,234.50 dollars", "1234.5"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("answer: 4.0", "4"), ("\\boxed{4}.", "4"),
+    ("#### 72", "72"), ("from 2 to 5-3", "3"), ("3.", "3"), ("-0.5", "-0.5"), ("v1.5 is 2", "2"),
+]
+
+
+@pytest.mark.parametrize("completion,number", AGREEMENT_CASES)
+def test_cons_vote_key_is_the_number_numeric_match_grades(completion, number):
+    from grpokit.rewards import numeric_match
+
+    assert default_extract_answer(completion) == number
+    for _, other in AGREEMENT_CASES:  # same vote key <=> numeric_match counts them equal
+        same_key = default_extract_answer(completion) == default_extract_answer(other)
+        assert same_key == (numeric_match([""], [completion], answer=[other]) == [1.0]), (completion, other)
+
+
+def test_cons_at_k_with_numeric_match_votes_5_minus_3_as_3():
+    """Majority says 3 ("5-3" three times, read as 3 by numeric_match); one sample says -3. The vote must go to 3
+    (cons@k = 1); a separate number regex that reads "5-3" as -3 votes -3 and gets cons@k = 0."""
+    from grpokit.rewards import RewardSet
+
+    script = {"5-3=?": ["-3", "5-3", "the answer: 5-3", "so 5-3"]}
+
+    class Script(FakeSampler):
+        def __init__(self):
+            self.calls, self.next = [], {p: 0 for p in script}
+
+        def generate(self, prompt_ids, **kw):
+            global SCRIPT
+            saved, SCRIPT = SCRIPT, script
+            try:
+                return super().generate(prompt_ids, **kw)
+            finally:
+                SCRIPT = saved
+
+    rows = [{"prompt": "5-3=?", "answer": "3"}]
+    res = evaluate(None, "tok", rows, reward_set=RewardSet([("numeric_match", 1.0)]), k=4, temperature=1.0,
+                   max_new_tokens=20, sampler=Script(), encode=encode)
+    assert res["avg@k"] == pytest.approx(3 / 4)
+    assert res["cons@k"] == 1.0

@@ -97,3 +97,14 @@ def test_extraction_reads_any_formatted_number(whole, cents, commas, boxed):
     text = ("-" if whole < 0 else "") + text + f".{cents:02d}"
     text = f"\\boxed{{{text}}}" if boxed else text
     assert extract_number(f"We add 2 and 3, so the result is {text}.") == value
+
+
+def test_answer_key_writes_the_extracted_number_canonically():
+    from fractions import Fraction
+
+    from grpokit.rewards.extract import answer_key, format_number
+
+    assert [format_number(Fraction(x)) for x in ("3", "-3", "1000.50", "-0.05", "1/3", "-7/6", "0")] == [
+        "3", "-3", "1000.5", "-0.05", "1/3", "-7/6", "0"]
+    assert answer_key("5-3") == "3" and answer_key("x = -3") == "-3"  # the sign rule of extract_number
+    assert answer_key("\\boxed{ x^2 }") == "2" and answer_key("\\boxed{\\pi}") == "\\pi" and answer_key("none") is None

@@ -78,6 +78,8 @@ def test_rejects_bad_arguments(tiny):
         token_logprobs(model, ids, ids.bool(), 2, temperature=0.0)
     with pytest.raises(ValueError, match="response_len"):
         token_logprobs(model, ids, ids.bool(), 4)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        token_logprobs(model, ids, ids.bool(), 2, vocab_chunk=-1)
 
 
 # ---------------------------------------------------------------------------- shared-prompt packing
@@ -134,3 +136,26 @@ def test_packing_is_used_only_where_it_pays():
     assert not packing_pays([(0, 1), (1, 1)], prompt_len=45, response_len=8, ratio=r)  # nothing shared
     assert not packing_pays([(0, 8)], prompt_len=100, response_len=2000, ratio=r)  # long responses: attention grows M^2
     assert not packing_pays([(0, 16)], prompt_len=500, response_len=600, ratio=1e9)  # past MAX_PACKED_LEN
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3", "flex_attention", None])
+def test_packing_only_with_a_backend_that_honours_block_masks(monkeypatch, attn):
+    """flash-attention ignores a 4-D mask (packed rows would attend across sequences): such a model must be
+    scored unpacked, even where packing pays; packed_token_logprobs itself refuses it."""
+    from grpokit.rollout import logprobs
+
+    model, tok = make_tiny(seed=0)
+    ids, mask, T = grouped_batch(tok, [4, 4, 4])
+    calls = []
+    monkeypatch.setattr(logprobs, "token_logprobs", lambda *a, **k: calls.append("unpacked") or torch.zeros(12, T))
+    monkeypatch.setattr(logprobs, "packed_token_logprobs", lambda *a, **k: calls.append("packed") or torch.zeros(12, T))
+    groups = logprobs.prompt_groups(ids, mask, T)
+    assert logprobs.packing_pays(groups, ids.shape[1] - T, T, ratio=logprobs.attention_width_ratio(model))
+    logprobs.score_logprobs(model, ids, mask, T, pad_id=tok.pad_token_id)
+    assert calls == ["packed"]  # sdpa (the tiny model's default): packed
+    model.config._attn_implementation = attn
+    logprobs.score_logprobs(model, ids, mask, T, pad_id=tok.pad_token_id)
+    assert calls == ["packed", "unpacked"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="block mask"):
+        logprobs.packed_token_logprobs(model, ids, mask, T, pad_id=tok.pad_token_id)
