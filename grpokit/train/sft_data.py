@@ -87,7 +87,8 @@ def build_rows(records: Iterable[tuple[str, dict[str, Any]]], column_map: dict[s
             col = cmap[key]
             if col not in record:
                 close = difflib.get_close_matches(col, [str(c) for c in record], n=1)
-                guess = close[0] if close else "<column>"
+                spare = [str(c) for c in record if c not in cmap.values()]
+                guess = close[0] if close else spare[0] if len(spare) == 1 else "<column>"
                 raise SFTDataError(
                     f"{where}: column '{col}' (for the row's '{key}') not found; available columns: "
                     f"{', '.join(map(str, record)) or '(none)'}; set data.column_map = {{{key} = \"{guess}\"}}"
