@@ -182,7 +182,10 @@ def setup_sft(cfg: SFTConfig, *, resume: str | Path | None = None, data: Any = N
                            targets=cfg.model.lora_targets)
     model.to(device)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()  # dropout (LoRA's) and gradient checkpointing act only in train mode
     pack = cfg.train.pack and can_pack(model)
