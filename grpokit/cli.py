@@ -56,8 +56,10 @@ def resolve_sft_recipe(spec: str) -> Path:
     for bundled in (RECIPES / "sft" / f"{spec}.toml", RECIPES / "sft" / f"{spec.removeprefix('sft/')}.toml"):
         if bundled.exists():
             return bundled
+    from grpokit.config import ConfigError
+
     names = sorted(q.stem for q in (RECIPES / "sft").glob("*.toml"))
-    raise SystemExit(f"grpokit: error: SFT recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
+    raise ConfigError(f"SFT recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -68,17 +70,15 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_sft_recipe(args.recipe) if args.recipe else None
+        if args.resume and not Path(args.resume).exists():
+            raise ConfigError(f"--resume {args.resume}: no such run directory")
         if args.resume and path is None and (Path(args.resume) / "config.toml").exists():
             path = Path(args.resume) / "config.toml"
         with warnings.catch_warnings():
             warnings.simplefilter("always", UserWarning)
             cfg = load_sft_config(path, args.set)
-    except ConfigError as e:
-        print(f"grpokit: config error: {e}", file=sys.stderr)
-        return 2
-    try:
         run_sft(cfg, resume=args.resume)
-    except (ConfigError, SFTDataError) as e:
+    except (ConfigError, SFTDataError) as e:  # user errors: one line, status 2, no traceback
         print(f"grpokit: error: {e}", file=sys.stderr)
         return 2
     return 0

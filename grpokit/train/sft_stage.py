@@ -248,11 +248,11 @@ def restore(ctx: SFTContext, resume: str | Path) -> None:
     if (path / "checkpoints").exists() or not (path / "state.json").exists():
         found = ckpt.latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
+            raise ConfigError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
         path = found
     m, o, state = ckpt.load_checkpoint(path, None)
     if state.get("stage") != "sft":
-        raise ValueError(f"--resume {resume}: {path} is not an SFT checkpoint; resume it with `grpokit train`")
+        raise ConfigError(f"--resume {resume}: {path} is not an SFT checkpoint; resume it with `grpokit train`")
     if _fsdp(ctx):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 

@@ -330,16 +330,22 @@ def test_cli_help_typo_and_bundled_recipes(capsys: pytest.CaptureFixture) -> Non
         assert Path(cfg.data.path).is_absolute() or (ROOT / cfg.data.path).exists()
 
 
-def test_cli_runs_and_resumes(tmp_path: Path) -> None:
+def test_cli_runs_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from grpokit.cli import main
 
     args = ["--set", "model.name=tiny-char", "--set", "train.steps=2", "--set", f"train.run_dir={tmp_path / 'r'}",
             "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.device=cpu",
             "--set", "model.precision=fp32", "--set", "train.save_every=0"]
     assert main(["sft", "demo", *args]) == 0
+    capsys.readouterr()
     assert main(["sft", "demo", *args[:2], "--set", "train.steps=3", *args[4:], "--resume", str(tmp_path / "r")]) == 0
     assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2, 3]
+    capsys.readouterr()
     assert main(["sft", "demo", *args, "--set", f"data.path={tmp_path / 'missing.jsonl'}"]) == 2
+    assert main(["sft", "no_such_recipe"]) == 2
+    assert main(["sft", "--resume", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("grpokit: error: ") for line in err), err
 
 
 def test_gradient_checkpointing_recomputes_and_keeps_the_gradient(tmp_path: Path) -> None:
