@@ -1,4 +1,4 @@
-"""The command line: `grpokit train | eval | report | list`."""
+"""The command line: `grpokit train | sft | eval | report | list`."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_sft_recipe(spec: str) -> Path:
+    """An SFT recipe path, or the name of a bundled one (`demo` -> recipes/sft/demo.toml)."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    for bundled in (RECIPES / "sft" / f"{spec}.toml", RECIPES / "sft" / f"{spec.removeprefix('sft/')}.toml"):
+        if bundled.exists():
+            return bundled
+    from grpokit.config import ConfigError
+
+    names = sorted(q.stem for q in (RECIPES / "sft").glob("*.toml"))
+    raise ConfigError(f"SFT recipe '{spec}' not found; give a TOML path or one of: {', '.join(names)}")
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from grpokit.config import ConfigError
+    from grpokit.train.sft_config import load_sft_config
+    from grpokit.train.sft_data import SFTDataError
+    from grpokit.train.sft_stage import run_sft
+
+    try:
+        path = resolve_sft_recipe(args.recipe) if args.recipe else None
+        if args.resume and not Path(args.resume).exists():
+            raise ConfigError(f"--resume {args.resume}: no such run directory")
+        if args.resume and path is None and (Path(args.resume) / "config.toml").exists():
+            path = Path(args.resume) / "config.toml"
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            cfg = load_sft_config(path, args.set)
+        run_sft(cfg, resume=args.resume)
+    except (ConfigError, SFTDataError) as e:  # user errors: one line, status 2, no traceback
+        print(f"grpokit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from grpokit.algo import REGISTRIES
 
@@ -70,9 +106,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind == "recipe":
             print("recipe")
-            for p in sorted(RECIPES.glob("*.toml")):
+            for p in sorted(RECIPES.glob("*.toml")) + sorted(RECIPES.glob("sft/*.toml")):
                 first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
-                print(f"  {p.stem:<26} {first}")
+                name = p.stem if p.parent == RECIPES else f"{p.parent.name}/{p.stem}"
+                print(f"  {name:<26} {first}")
             continue
         if kind not in regs:
             print(f"grpokit: unknown kind '{kind}'; choose from {', '.join(list(regs) + ['recipe'])}", file=sys.stderr)
@@ -108,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set algo.beta=0.01 (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint directory)")
     t.set_defaults(fn=cmd_train)
+    from grpokit.train.sft_config import sft_help_text
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on (prompt, completion) rows from a TOML recipe",
+                       epilog=sft_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("recipe", nargs="?", help="SFT recipe TOML path or bundled name (recipes/sft/: demo)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint directory)")
+    s.set_defaults(fn=cmd_sft)
     ls = sub.add_parser("list", help="list registered advantages, credits, losses, aggregations, KLs, rewards, tasks, recipes")
     ls.add_argument("kind", nargs="?")
     ls.set_defaults(fn=cmd_list)

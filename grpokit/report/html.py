@@ -37,7 +37,7 @@ NEG_RGB = (214, 39, 40)
 POS_RGB = (31, 119, 180)
 MAX_ALPHA = 0.85
 
-SUMMARY_KEYS = ("reward/mean", "acc", "len/median", "truncation_rate", "entropy", "kl_ref", "grad_norm")
+SUMMARY_KEYS = ("loss", "eval/loss", "reward/mean", "acc", "len/median", "truncation_rate", "entropy", "kl_ref", "grad_norm")
 TIME_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/update")
 
 
@@ -162,6 +162,7 @@ def build_panels(records: Sequence[dict[str, Any]]) -> list[Panel]:
     keys = set().union(*(r.keys() for r in records)) if records else set()
     per_fn = sorted(k for k in keys if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
     specs: list[Panel | None] = [
+        _lines_panel(records, "plot-loss", "Loss (eval/loss: held-out)", ["loss", "eval/loss"]),
         _lines_panel(records, "plot-reward", "Reward (mean; per reward function)", ["reward/mean", *per_fn]),
         _lines_panel(records, "plot-acc", "Accuracy", ["acc", "frac_zero_var_groups"]),
         _length_panel(records),
@@ -177,6 +178,7 @@ def build_panels(records: Sequence[dict[str, Any]]) -> list[Panel]:
     specs += [
         _lines_panel(records, "plot-grad_norm", "Gradient norm (log scale)", ["grad_norm"], logy=True),
         _lines_panel(records, "plot-lr", "Learning rate", ["lr"]),
+        _lines_panel(records, "plot-tokens", "Tokens per step", ["tokens/completion", "tokens/total"]),
         _time_panel(records),
     ]
     return [p for p in specs if p is not None]
