@@ -14,3 +14,19 @@ def fake_server():
     server = FakeServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_orm(tmp_path_factory) -> str:
+    """A tiny sequence-classification ORM trained in seconds (tiny_rm.py)."""
+    from tiny_rm import train_tiny_orm
+
+    return train_tiny_orm(tmp_path_factory.mktemp("tiny_orm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(tmp_path_factory) -> str:
+    """A tiny token-classification PRM trained in seconds (tiny_rm.py)."""
+    from tiny_rm import train_tiny_prm
+
+    return train_tiny_prm(tmp_path_factory.mktemp("tiny_prm"))
