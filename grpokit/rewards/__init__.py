@@ -21,7 +21,7 @@ from grpokit.rewards.base import build_scorer, is_factory, scorer_factory
 from grpokit.rewards.ensemble import Ensemble, combine
 from grpokit.rewards.http import HTTPScorerError, LLMJudge, RemoteReward, parse_verdict
 from grpokit.rewards.sandbox import CodeExec, SandboxError, extract_code, parse_tests, run_sandboxed
-from grpokit.rewards.models import ORMScorer, PRMScorer, PRMSteps, aggregate_steps, split_steps, step_token_ends
+from grpokit.rewards.models import ORMScorer, PRMScorer, PRMSteps, aggregate_steps, process_credit_inputs, split_steps, step_token_ends
 
 __all__ = [
     "REWARDS", "RewardFn", "correctness", "is_correctness", "load_reward",
@@ -30,6 +30,6 @@ __all__ = [
     "RewardSet", "RewardResult", "RewardError", "columns_from_rows",
     "scorer_factory", "is_factory", "build_scorer",
     "Ensemble", "combine", "LLMJudge", "RemoteReward", "HTTPScorerError", "parse_verdict",
-    "ORMScorer", "PRMScorer", "PRMSteps", "aggregate_steps", "split_steps", "step_token_ends",
+    "ORMScorer", "PRMScorer", "PRMSteps", "aggregate_steps", "process_credit_inputs", "split_steps", "step_token_ends",
     "CodeExec", "SandboxError", "extract_code", "parse_tests", "run_sandboxed",
 ]

@@ -340,3 +340,29 @@ class PRMScorer:
             ends[i, : len(idx)] = torch.tensor(idx)
             mask[i, : len(idx)] = True
         return {"step_rewards": rewards, "step_ends": ends, "step_mask": mask}
+
+
+def process_credit_inputs(
+    rewards: Any,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    tokenizer: Any,
+    group_ids: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The keyword tensors the `process` credit needs, from the PRM scorer inside a RewardSet.
+
+    Call after `rewards.score(prompts, completions, ...)` (the PRM's step scores are reused, not
+    recomputed): `CREDIT.call(name, seq_adv, mask, ..., **process_credit_inputs(...))`. Other credit
+    functions ignore these keywords. Shapes: response_ids/response_mask [B,T], group_ids [B] ->
+    step_rewards [B,K] f32, step_ends [B,K] int64, step_mask [B,K] bool, group_ids [B].
+    """
+    prms = [fn for fn in getattr(rewards, "functions", {}).values() if isinstance(fn, PRMScorer)]
+    if len(prms) != 1:
+        raise ValueError(
+            f"credit 'process' needs exactly one 'prm' reward in rewards.functions (found {len(prms)}); "
+            f"add rewards.functions = ['prm'] with rewards.options.prm = {{model = ...}}"
+        )
+    out = prms[0].process_inputs(prompts, completions, response_ids, response_mask, tokenizer)
+    return {**out, "group_ids": group_ids}

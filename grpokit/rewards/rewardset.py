@@ -218,6 +218,11 @@ class RewardSet:
         return [e.name for e in self._entries]
 
     @property
+    def functions(self) -> dict[str, RewardFn]:
+        """name -> the reward callable (a built scorer instance for scorer factories), in spec order."""
+        return {e.name: e.fn for e in self._entries}
+
+    @property
     def weights(self) -> dict[str, float]:
         return {e.name: e.weight for e in self._entries}
 

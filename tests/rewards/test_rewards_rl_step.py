@@ -93,3 +93,42 @@ def test_prm_outcome_reward_trains_one_step(warm_tiny, tiny_prm, tmp_path):
     """The PRM as an outcome scorer (aggregated step scores) with the default broadcast credit."""
     row = one_step(warm_tiny, tmp_path / "run", ["prm"], {"prm": {"model": tiny_prm, "aggregation": "mean"}})
     assert 0.0 <= row["reward/prm/mean"] <= 1.0
+
+
+def test_prm_process_credit_with_the_wiring_the_trainer_needs(warm_tiny, tiny_prm, tmp_path, monkeypatch):
+    """The same step with the wiring patched in from outside, exactly what build_batch must do:
+    `process_credit_inputs(ctx.rewards, prompts, roll.texts, roll.response_ids, resp_mask, ctx.tokenizer,
+    batch.group_ids)` passed as keywords to the credit function. Proves the pieces fit end to end."""
+    import torch
+
+    from grpokit.algo import CREDIT
+    from grpokit.rewards import process_credit_inputs
+    from grpokit.train import loop
+
+    seen: dict = {}
+    real_score = loop.score
+
+    def score(ctx, rows, roll):
+        seen.update(ctx=ctx, rows=rows, roll=roll)
+        return real_score(ctx, rows, roll)
+
+    def token_credit(seq_adv, response_mask, *, cfg, old_logp, ref_logp):
+        ctx, rows, roll = seen["ctx"], seen["rows"], seen["roll"]
+        G = ctx.cfg.rollout.group_size
+        extra = process_credit_inputs(ctx.rewards, [r["prompt"] for r in rows], roll.texts, roll.response_ids,
+                                      response_mask, ctx.tokenizer, torch.arange(len(rows)) // G)
+        seen["extra"] = extra
+        out = CREDIT.call(cfg.credit, seq_adv, response_mask, old_logp=old_logp, ref_logp=ref_logp,
+                          beta=cfg.beta, divergence=cfg.divergence, **extra).float()
+        seen["credit"] = out
+        return out
+
+    monkeypatch.setattr(loop, "score", score)
+    monkeypatch.setattr(loop, "token_credit", token_credit)
+    row = one_step(warm_tiny, tmp_path / "run", ["prm"], {"prm": {"model": tiny_prm}}, **{"algo.credit": "process"})
+    extra, credit = seen["extra"], seen["credit"]
+    assert extra["step_mask"].any() and credit.shape == seen["roll"].response_ids.shape
+    assert (credit != 0).any() and row["credit/shift_abs_mean"] > 0
+    # the credit is the process credit of these step rewards (not the broadcast outcome advantage)
+    want = CREDIT.call("process", torch.zeros(len(credit)), seen["roll"].response_mask.bool(), **extra)
+    torch.testing.assert_close(credit, want)
