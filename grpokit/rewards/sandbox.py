@@ -23,12 +23,13 @@ Isolation, per completion (a fresh interpreter, `python -I -S -c HARNESS`):
 - a minimal environment (PATH, LANG, HOME = the private directory): nothing of the parent's leaks;
 - a private temporary directory as the working directory, removed afterwards;
 - Linux namespaces via unshare(2) (as root, or in a new user namespace where that is allowed):
-  network (only a loopback that is down: no network at all), mount (private tmpfs over /tmp,
-  /var/tmp, /dev/shm, /run/lock, /var/lock, /dev/mqueue, and a fresh /proc that shows only the
-  sandbox's processes) and PID (the test code runs as PID 1 of its namespace, so killing it kills
+  network (only a loopback that is down: no network at all), mount (every mount read-only except
+  the private directory; private tmpfs over /tmp, /var/tmp, /dev/shm, /run/lock, /var/lock,
+  /dev/mqueue; a fresh /proc that shows only the sandbox's processes) and PID (the test code runs as PID 1 of its namespace, so killing it kills
   every process it started, fork bombs included);
 - when started as root, the test code runs as the user nobody (65534), so RLIMIT_NPROC applies
-  (the kernel exempts root from it) and files outside the private directory are not writable;
+  (the kernel exempts root from it); started as another user, it runs as that user inside a user
+  namespace, and RLIMIT_NPROC counts all of that user's processes;
 - rlimits: CPU seconds, address space, file size, processes, open files (64), no core dumps;
 - the wall-clock deadline, enforced by the harness (SIGKILL to the namespace's PID 1) and again by
   the parent (os.killpg of the whole group).
@@ -66,7 +67,7 @@ job = json.loads(sys.stdin.read())
 libc = ctypes.CDLL(None, use_errno=True)
 NEWNS, NEWPID, NEWNET, NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
-iso = {"root": os.geteuid() == 0, "userns": False, "net": False, "mnt": False, "pid": False, "uid": False, "proc": False}
+iso = {"root": os.geteuid() == 0, "userns": False, "net": False, "mnt": False, "ro": False, "pid": False, "uid": False}
 
 def unshare(flag):
     return libc.unshare(ctypes.c_int(flag)) == 0
@@ -87,8 +88,30 @@ if not iso["root"]:
             pass
 if job["net"]:
     iso["net"] = unshare(NEWNET)
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+KEEP = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+
+def read_only_everywhere(work):
+    """Every mount read-only in this mount namespace, except the private directory (bound onto itself)."""
+    mount(work, work, None, MS_BIND | MS_REC, None)
+    os.chdir(work)  # into the new bind mount (the old cwd stays on the mount made read-only below)
+    ok = True
+    with open("/proc/self/mountinfo") as f:
+        entries = [line.split() for line in f]
+    for e in entries:
+        point = e[4].encode().decode("unicode_escape")
+        if point == work or point.startswith("/proc") or point.startswith("/sys"):
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for opt in e[5].split(","):
+            flags |= KEEP.get(opt, 0)
+        if not mount(None, point, None, flags, None) and point == "/":
+            ok = False
+    return ok
+
 if unshare(NEWNS) and mount(None, "/", None, MS_REC | MS_PRIVATE, None):
     iso["mnt"] = True
+    iso["ro"] = read_only_everywhere(os.path.realpath(os.getcwd()))
     for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue"):
         if os.path.isdir(d) and not os.path.islink(d):
             mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dm,mode=1777" % job["tmpfs_mb"])
@@ -134,8 +157,8 @@ def run_tests(code, tests, w):
 
 def child(w):
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the harness
-    if iso["pid"] and iso["mnt"]:
-        iso["proc"] = mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if iso["pid"] and iso["mnt"]:  # a /proc that shows only this namespace's processes
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     lim = job["limits"]
     for res, v in ((resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1)), (resource.RLIMIT_AS, (lim["as"],) * 2),
                    (resource.RLIMIT_FSIZE, (lim["fsize"],) * 2), (resource.RLIMIT_NPROC, (lim["nproc"],) * 2),

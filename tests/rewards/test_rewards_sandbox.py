@@ -143,3 +143,41 @@ def test_adversarial_read_the_parents_environment(sandbox, monkeypatch):
     )
     assert sandbox(["p"], [block(code)], tests=[["assert 'hunter2' in leak()"]]) == [0.0]
     assert sandbox(["p"], [block("import os\nE = dict(os.environ)")], tests=[["assert 'PATH' in E and len(E) <= 5"]]) == [1.0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists() or not Path("/usr/bin/python3").exists(),
+                    reason="needs root (to start the harness as an unprivileged user) and setpriv")
+def test_unprivileged_start_uses_a_user_namespace():
+    """Started by an ordinary user, the harness isolates through a user namespace: no network, the
+    machine read-only, only its own directory writable."""
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="grpokit_userns_test_"))  # pytest's tmp_path is closed to other users
+    try:
+        _unprivileged(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _unprivileged(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(work, 0o777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("orig")
+    os.chmod(victim, 0o666)  # writable by anyone on the host; not from the sandbox
+    job = {"code": "import socket\n", "tests": [f"open({str(victim)!r}, 'w').write('x')", "open('mine', 'w').write('x')",
+                                                "socket.create_connection(('127.0.0.1', 22), timeout=1)"],
+           "net": True, "uid": sandbox_mod.NOBODY, "timeout_s": 3.0, "tmpfs_mb": 8,
+           "limits": {"cpu_s": 3, "as": 256 << 20, "fsize": 1 << 20, "nproc": 8}}
+    out = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-I",
+                          "-S", "-c", sandbox_mod.HARNESS], input=json.dumps(job).encode(), capture_output=True,
+                         cwd=work, timeout=20)
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    if not result["isolation"]["userns"]:
+        pytest.skip("unprivileged user namespaces are disabled on this machine")
+    assert result["isolation"]["net"] and result["isolation"]["ro"] and result["isolation"]["pid"]
+    assert result["passed"] == [False, True, False]
+    assert victim.read_text() == "orig" and (work / "mine").exists()
