@@ -15,7 +15,7 @@ Remote reward (`rewards.functions = ["remote"]`):
   sample of the batch (columns that are not JSON-serialisable are sent as their str()).
   Response: a JSON list of numbers or null, one per object (or {"rewards": [...]}); null = no score.
 
-LLM judge (`rewards.functions = ["llm_judge"]`): one chat request per sample to any OpenAI-compatible
+LLM judge (`rewards.functions = ["llm_judge"]`, LLM-as-a-judge, arXiv 2306.05685): one chat request per sample to any OpenAI-compatible
 endpoint (`{base_url}/chat/completions`, e.g. a vLLM server), with a configurable template that may use
 {problem}, {answer} (the row's `answer_column`) and {completion}; literal braces are written {{ }}.
 The verdict (the message content) is parsed as `verdict = "yes_no"` (the last standalone yes/no,

@@ -1,5 +1,8 @@
 """Reward models as scorers (SPEC section 13): an outcome RM (`orm`) and a process RM (`prm`).
 
+Outcome vs process supervision: Lightman et al., arXiv 2305.20050 (step scores, min/prod
+aggregation); DeepSeekMath, arXiv 2402.03300 §4.1.3 (process-supervised GRPO, `credit = "process"`).
+
     [rewards.options.orm]
     model = "path/or/hub-id"   # AutoModelForSequenceClassification
     device = "cpu"             # its own device ("cuda:1", ...) and precision ("fp32", "bf16", "fp16")
