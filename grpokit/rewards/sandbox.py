@@ -284,18 +284,19 @@ def run_sandboxed(
         try:
             out, err = proc.communicate(json.dumps(job).encode(), timeout=timeout_s + PARENT_GRACE_S)
         except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
+            _killpg(proc.pid)  # the harness is alive (not reaped), so its group id is still ours
             proc.communicate()
             return {"passed": [False] * len(tests), "status": "killed", "isolation": {}}
-        finally:
-            _killpg(proc.pid)  # anything left in the group (without a PID namespace)
         lines = out.decode(errors="replace").strip().splitlines()
         try:
             result = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
+            _killpg(proc.pid)
             raise SandboxError(
                 f"code_exec: the sandbox harness failed (exit {proc.returncode}): {err.decode(errors='replace')[-300:]}"
             ) from None
+        if not result.get("isolation", {}).get("pid"):
+            _killpg(proc.pid)  # without a PID namespace, stragglers may remain in the group
         result["passed"] += [False] * (len(tests) - len(result["passed"]))
         return result
     finally:
