@@ -421,3 +421,32 @@ def selective_logprob_loop(hidden, weight, bias, targets, temperature):
         logps.append(logp_all[targets[n]])
         ents.append(-(logp_all.exp() * logp_all).sum())
     return torch.stack(logps), torch.stack(ents)
+
+
+# ---------------------------------------------------------------- section 13: process-supervised credit (PRM)
+
+
+def process_credit(step_rewards, step_ends, step_mask, group_ids, mask, *, eps: float = EPS,
+                   std: str = "unbiased") -> torch.Tensor:
+    """DeepSeekMath §4.1.3 / SPEC 13: r̃ = (r − mean_g)/(std_g + ε) over all steps of the group;
+    A[i,t] = Σ_{steps j of i ending ≥ t} r̃_ij on real tokens. A group with < 2 steps or equal rewards: 0."""
+    r, ends, sm = step_rewards.tolist(), step_ends.tolist(), step_mask.tolist()
+    m, g = mask.tolist(), group_ids.tolist()
+    b = len(m)
+    t = len(m[0]) if b else 0
+    norm = [[0.0] * len(r[i]) for i in range(b)]
+    for members in _groups(g).values():
+        steps = [(i, j) for i in members for j in range(len(r[i])) if sm[i][j]]
+        vals = [r[i][j] for i, j in steps]
+        if len(vals) < 2 or _flat(vals):
+            continue
+        mu, sd = _mean(vals), _std(vals, std == "unbiased")
+        for i, j in steps:
+            norm[i][j] = (r[i][j] - mu) / (sd + eps)
+    out = [[0.0] * t for _ in range(b)]
+    for i in range(b):
+        for tt in range(t):
+            if not m[i][tt]:
+                continue
+            out[i][tt] = sum(norm[i][j] for j in range(len(r[i])) if sm[i][j] and min(max(ends[i][j], 0), t - 1) >= tt)
+    return torch.tensor(out, dtype=torch.float64).reshape(b, t)

@@ -9,6 +9,7 @@ from grpokit.algo.aggregate import AGGREGATIONS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
+from grpokit.algo import process as _process  # noqa: F401  (registers credit 'process', SPEC 13)
 from grpokit.algo.registry import Registry
 
 REGISTRIES: dict[str, Registry] = {

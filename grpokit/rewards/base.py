@@ -27,6 +27,9 @@ REWARDS = Registry("reward function")
 #: Attribute that marks a reward as a correctness check (1.0 = correct), see `correctness`.
 CORRECTNESS_ATTR = "grpokit_correctness"
 
+#: Attribute that marks a registered entry as a scorer factory, see `scorer_factory`.
+FACTORY_ATTR = "grpokit_scorer_factory"
+
 
 def correctness(fn: RewardFn) -> RewardFn:
     """Mark `fn` as a correctness reward: the accuracy metric counts samples where it returns >= 1.
@@ -41,6 +44,41 @@ def correctness(fn: RewardFn) -> RewardFn:
 def is_correctness(fn: Any) -> bool:
     """Whether `fn` was marked with `correctness`."""
     return bool(getattr(fn, CORRECTNESS_ATTR, False))
+
+
+def scorer_factory(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+    """Mark `factory` (e.g. a scorer class) as building a reward from keyword options.
+
+    `RewardSet` calls `factory(**options)` once, at construction, and uses the returned callable
+    as the reward with no per-call options; so `rewards.options.orm = {model = "path"}` builds one
+    `ORMScorer(model="path")` that keeps its model loaded across steps.
+    """
+    setattr(factory, FACTORY_ATTR, True)
+    return factory
+
+
+def is_factory(fn: Any) -> bool:
+    """Whether `fn` was marked with `scorer_factory` (a class or function that builds a reward)."""
+    return bool(getattr(fn, FACTORY_ATTR, False)) and (isinstance(fn, type) or FACTORY_ATTR in getattr(fn, "__dict__", {}))
+
+
+def build_scorer(name: str, fn: Any, options: dict[str, Any]) -> RewardFn:
+    """`fn(**options)` if `fn` is a scorer factory, else `fn` itself (options stay per-call keywords).
+
+    A bad option fails here, naming the scorer and the options it takes.
+    """
+    if not is_factory(fn):
+        return fn
+    try:
+        return fn(**options)
+    except TypeError as e:
+        import inspect
+
+        try:
+            takes = ", ".join(p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs"))
+        except (TypeError, ValueError):
+            takes = "(unknown)"
+        raise TypeError(f"reward '{name}': cannot build it from options {sorted(options)}: {e}; it takes: {takes}") from e
 
 
 def load_reward(spec: str) -> RewardFn:

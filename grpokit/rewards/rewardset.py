@@ -19,6 +19,9 @@ Semantics, per sample i and function k with weight w_k and value r_k[i]:
 - Always raised, whatever on_error says (they are bugs or configuration errors, not bad samples):
   a wrong-length or wrong-type return, NaN/inf values, a required argument that is neither an option
   nor a column.
+- Scorer factories (`scorer_factory`, e.g. the ORM, PRM, judge, remote, ensemble and code_exec
+  classes): the spec's options build the scorer once, `factory(**options)`; the instance is the
+  reward function and receives columns only.
 - Accuracy: `correct[i]` = per_function[accuracy_key][i] >= 1, where `accuracy_key` is the first
   function marked `correctness` (numeric_match, math_verify, reasoning_gym) unless given; None when
   there is no such function. The trainer reports `acc` = mean of `correct`.
@@ -36,7 +39,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 
-from grpokit.rewards.base import REWARDS, RewardFn, is_correctness, load_reward
+from grpokit.rewards.base import REWARDS, RewardFn, build_scorer, is_correctness, is_factory, load_reward
 
 OnError = Literal["raise", "zero", "skip"]
 Spec = Union[str, RewardFn, tuple]
@@ -129,6 +132,8 @@ def _parse_spec(spec: Spec) -> tuple[RewardFn, float, dict[str, Any], str | None
         raise ValueError(f"reward '{default_name}': weight must be a finite number, got {weight!r}")
     if not isinstance(options, dict):
         raise TypeError(f"reward '{default_name}': options must be a dict of keyword arguments, got {options!r}")
+    if is_factory(fn):  # a scorer class (ORM, judge, sandbox, ...): built once from its options
+        return build_scorer(default_name, fn, dict(options)), float(weight), {}, name, default_name
     return fn, float(weight), dict(options), name, default_name
 
 
@@ -211,6 +216,11 @@ class RewardSet:
     def names(self) -> list[str]:
         """Reward names in spec order (the keys of `per_function`)."""
         return [e.name for e in self._entries]
+
+    @property
+    def functions(self) -> dict[str, RewardFn]:
+        """name -> the reward callable (a built scorer instance for scorer factories), in spec order."""
+        return {e.name: e.fn for e in self._entries}
 
     @property
     def weights(self) -> dict[str, float]:
