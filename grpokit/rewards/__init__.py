@@ -13,7 +13,7 @@ accuracy metric uses it. See `grpokit.rewards.rewardset` for weights, None, erro
 """
 from grpokit.rewards.base import REWARDS, RewardFn, correctness, is_correctness, load_reward
 from grpokit.rewards.builtin import FORMAT_PRESETS, format_reward, numeric_match, overlong
-from grpokit.rewards.extract import extract_number, last_answer_tag, last_boxed, last_number, parse_number
+from grpokit.rewards.extract import answer_key, extract_number, format_number, last_answer_tag, last_boxed, last_number, parse_number
 from grpokit.rewards.gym import extract_rg_answer, reasoning_gym
 from grpokit.rewards.latex import math_verify
 from grpokit.rewards.rewardset import RewardError, RewardResult, RewardSet, columns_from_rows
@@ -26,7 +26,7 @@ from grpokit.rewards.models import ORMScorer, PRMScorer, PRMSteps, aggregate_ste
 __all__ = [
     "REWARDS", "RewardFn", "correctness", "is_correctness", "load_reward",
     "numeric_match", "format_reward", "overlong", "math_verify", "reasoning_gym", "FORMAT_PRESETS",
-    "extract_number", "last_boxed", "last_number", "last_answer_tag", "parse_number", "extract_rg_answer",
+    "answer_key", "extract_number", "format_number", "last_boxed", "last_number", "last_answer_tag", "parse_number", "extract_rg_answer",
     "RewardSet", "RewardResult", "RewardError", "columns_from_rows",
     "scorer_factory", "is_factory", "build_scorer",
     "Ensemble", "combine", "LLMJudge", "RemoteReward", "HTTPScorerError", "parse_verdict",

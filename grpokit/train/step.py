@@ -125,13 +125,21 @@ def sequence_advantages(
 
 def token_credit(
     seq_adv: torch.Tensor, response_mask: torch.Tensor, *, cfg: AlgoConfig,
-    old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+    old_logp: torch.Tensor, ref_logp: torch.Tensor | None, **inputs: torch.Tensor,
 ) -> torch.Tensor:
-    """The per-token advantage (broadcast, or FRPO's A_i - beta * KL-to-go, SPEC 7): [B, T], no grad."""
+    """The per-token advantage (broadcast, FRPO's A_i - beta * KL-to-go (SPEC 7), or the PRM process credit
+    (SPEC 13)): [B, T], no grad. `inputs`: extra tensors a credit declares (the process credit's step rewards,
+    see `credit_inputs`); each credit takes only the keywords it declares."""
     return CREDIT.call(
         cfg.credit, seq_adv, response_mask, old_logp=old_logp, ref_logp=ref_logp,
-        beta=cfg.beta, divergence=cfg.divergence,
+        beta=cfg.beta, divergence=cfg.divergence, eps=cfg.adv_eps, std=cfg.std, **inputs,
     ).float()  # [B, T]
+
+
+def credit_needs_step_rewards(cfg: AlgoConfig) -> bool:
+    """Whether the credit function reads a process reward model's step rewards (SPEC 13)."""
+    accepted = CREDIT.accepts(cfg.credit)
+    return accepted is not None and "step_rewards" in accepted
 
 
 def loss_hparams(cfg: AlgoConfig) -> dict[str, object]:

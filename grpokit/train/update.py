@@ -19,7 +19,7 @@ import torch
 from grpokit import dist
 from grpokit.train.collect import Collected
 from grpokit.train.step import (
-    Batch, StatSums, cancellation_metrics, micro_batch_loss, needs_sequence_weights, plan_microbatches, plan_minibatches,
+    Batch, StatSums, cancellation_metrics, credit_needs_step_rewards, micro_batch_loss, needs_sequence_weights, plan_microbatches, plan_minibatches,
     sequence_advantages, sequence_weights, token_credit,
 )
 
@@ -105,7 +105,14 @@ def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batc
         if a.kl_placement == "reward":  # R_i -= beta * sum_t k1 (SPEC 4)
             batch.rewards = batch.rewards - a.beta * ((batch.old_logp - batch.ref_logp) * resp_mask).sum(1)
     batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
-    batch.token_adv = token_credit(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp, ref_logp=batch.ref_logp)
+    inputs: dict[str, torch.Tensor] = {}
+    if credit_needs_step_rewards(a):  # the PRM's step rewards and where each step ends (SPEC 13)
+        from grpokit.rewards import process_credit_inputs
+
+        inputs = process_credit_inputs(ctx.scorer, [r["prompt"] for r in sb.rows], roll.texts, roll.response_ids,
+                                       resp_mask, ctx.tokenizer, batch.group_ids)
+    batch.token_adv = token_credit(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp,
+                                   ref_logp=batch.ref_logp, **inputs)
     return batch
 
 

@@ -9,7 +9,7 @@ from grpokit.algo import REGISTRIES
 
 EXPECTED = {
     "advantage": ["batch_std", "dr_grpo", "grpo", "rloo"],
-    "credit": ["broadcast", "frpo"],
+    "credit": ["broadcast", "frpo", "process"],
     "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["k1", "k2", "k3"],

@@ -78,10 +78,6 @@ def test_code_exec_trains_one_step(warm_tiny, tmp_path):
     assert row["reward/code_exec/mean"] == 0.0  # the tiny char model writes no code block
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "the trainer does not pass the PRM's step rewards to the credit function yet: update.build_batch must call "
-    "process_credit_inputs(ctx.scorer, prompts, texts, response_ids, resp_mask, tokenizer, group_ids) and "
-    "step.token_credit must hand those keywords to CREDIT.call (see the h-rewards report)"))
 def test_prm_process_credit_trains_one_step(warm_tiny, tiny_prm, tmp_path):
     row = one_step(warm_tiny, tmp_path / "run", ["prm"], {"prm": {"model": tiny_prm, "aggregation": "min"}},
                    **{"algo.credit": "process"})
@@ -93,48 +89,3 @@ def test_prm_outcome_reward_trains_one_step(warm_tiny, tiny_prm, tmp_path):
     """The PRM as an outcome scorer (aggregated step scores) with the default broadcast credit."""
     row = one_step(warm_tiny, tmp_path / "run", ["prm"], {"prm": {"model": tiny_prm, "aggregation": "mean"}})
     assert 0.0 <= row["reward/prm/mean"] <= 1.0
-
-
-def test_prm_process_credit_with_the_wiring_the_trainer_needs(warm_tiny, tiny_prm, tmp_path, monkeypatch):
-    """The same step with the wiring patched in from outside, exactly what `update.build_batch` must do:
-    `process_credit_inputs(ctx.scorer, [r["prompt"] for r in sb.rows], roll.texts, roll.response_ids,
-    resp_mask, ctx.tokenizer, batch.group_ids)` passed as keywords to the credit function (through
-    `step.token_credit`). Proves the pieces fit end to end."""
-    import torch
-
-    from grpokit.algo import CREDIT
-    from grpokit.rewards import process_credit_inputs
-    from grpokit.train import update
-
-    seen: dict = {}
-    real_build_batch = update.build_batch
-
-    def build_batch(ctx, col, micro_size=None):
-        seen.update(ctx=ctx, sb=col.batch)
-        return real_build_batch(ctx, col, micro_size)
-
-    def token_credit(seq_adv, response_mask, *, cfg, old_logp, ref_logp):
-        ctx, sb = seen["ctx"], seen["sb"]
-        G = ctx.cfg.rollout.group_size
-        extra = process_credit_inputs(ctx.scorer, [r["prompt"] for r in sb.rows], sb.rollout.texts,
-                                      sb.rollout.response_ids, response_mask, ctx.tokenizer,
-                                      torch.arange(len(sb.rows)) // G)
-        seen["extra"] = extra
-        out = CREDIT.call(cfg.credit, seq_adv, response_mask, old_logp=old_logp, ref_logp=ref_logp,
-                          beta=cfg.beta, divergence=cfg.divergence, **extra).float()
-        seen["credit"] = out
-        return out
-
-    monkeypatch.setattr(update, "build_batch", build_batch)
-    monkeypatch.setattr(update, "token_credit", token_credit)
-    from grpokit.train import loop
-
-    if hasattr(loop, "build_batch"):  # the loop imports it by name
-        monkeypatch.setattr(loop, "build_batch", build_batch)
-    row = one_step(warm_tiny, tmp_path / "run", ["prm"], {"prm": {"model": tiny_prm}}, **{"algo.credit": "process"})
-    extra, credit = seen["extra"], seen["credit"]
-    assert extra["step_mask"].any() and credit.shape == seen["sb"].rollout.response_ids.shape
-    assert (credit != 0).any() and row["credit/shift_abs_mean"] > 0
-    # the credit is the process credit of these step rewards (not the broadcast outcome advantage)
-    want = CREDIT.call("process", torch.zeros(len(credit)), seen["sb"].rollout.response_mask.bool(), **extra)
-    torch.testing.assert_close(credit, want)

@@ -34,3 +34,30 @@ def test_old_logprob_pass_runs_whenever_something_reads_it_before_the_update() -
     frpo = ["algo.credit='frpo'", "algo.kl_placement='advantage'", "algo.beta=0.01"]
     assert recompute_old_logprobs(load_config(None, base + frpo))
     assert recompute_old_logprobs(load_config(None, base + ["algo.beta=0.01", "algo.kl_placement='reward'"]))
+
+
+def test_gradient_checkpointing_recomputes_layers_in_the_trainer(warm_tiny: str, tmp_path) -> None:
+    """model.gradient_checkpointing = true: the update's backward re-runs every decoder layer's forward
+    (counted with pre-hooks on each layer's MLP), and sampling still works in eval mode."""
+    import json
+
+    from grpokit.models.checkpointing import decoder_layers
+    from grpokit.train.loop import setup, train_step
+
+    def run(gc: bool) -> int:
+        overrides = {"model.name": warm_tiny, "model.precision": "fp32", "data.task": "copy2", "data.heldout_size": 0,
+                     "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 6,
+                     "train.progress": False, "train.report": False, "train.tensorboard": False,
+                     "train.final_eval": False, "train.run_dir": str(tmp_path / f"gc{gc}"),
+                     "model.gradient_checkpointing": gc, "train.micro_batch_size": 8}
+        ctx = setup(load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+        calls = [0]
+        for layer in decoder_layers(ctx.base):
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        ctx.state["step"] = 1
+        train_step(ctx)
+        return calls[0]
+
+    plain, checkpointed = run(False), run(True)
+    # the same sampling and scoring forwards, plus one recomputation per layer per update forward
+    assert checkpointed > plain, (plain, checkpointed)
