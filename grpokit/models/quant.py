@@ -17,6 +17,10 @@ Schemes (`SCHEMES`; ``"none"`` is the plain frozen copy, `grpokit.models.ref_mod
   ≤ s / 2 plus the float16 rounding of s and m (relative 2^-11). 4 bits per weight + 32 bits per group
   (4.5 bits per weight at group 64).
 
+Both are round-to-nearest (RTN), with no calibration data: the int8 grid is LLM.int8()'s vector-wise
+absmax (arXiv 2208.07339, without its fp16 outlier decomposition), the int4 grid GPTQ's / AWQ's group-wise
+min/max (arXiv 2210.17323, 2306.00978, without their error-compensating or activation-aware rounding).
+
 Embeddings and the output head (``lm_head``) stay in full precision by default (``embeddings=False``):
 they are where a quantization error reaches the log-probs most directly, and in a large model they are a
 small share of the weights. ``embeddings=True`` quantizes both with the same scheme (row-wise, which for
