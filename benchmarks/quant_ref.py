@@ -22,6 +22,11 @@ Policy = the fp32 model. Rollouts: `--prompts` prompts of the `arith` task, one 
 - With `--torchao` and torchao importable, torchao's own int8 weight-only (``Int8WeightOnlyConfig``,
   lm_head excluded) is measured the same way as a cross-check of the int8 row.
 
+Note: the built-in `smollm2-135m` is dequantized from the bundled Q4_1 GGUF (blocks of 32 inputs, w = q·d + m
+with q in 0..15 and fp16 d, m): exactly grpokit's int4 grid at group 32, which therefore reproduces it
+bit for bit (error 0) on this model; the weights of a model trained in full precision lie on no such grid.
+Judge int4 by the other group sizes.
+
     python benchmarks/quant_ref.py --threads 2                  # SmolLM2-135M (cached conversion)
     python benchmarks/quant_ref.py --model tiny-char --prompts 4 --new-tokens 8 --reps 1   # smoke
 """

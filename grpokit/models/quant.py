@@ -3,8 +3,8 @@
 The KL reference π_ref is never trained, so it can be held in fewer bits: each ``nn.Linear`` of a frozen
 copy is replaced by a `WeightOnlyLinear` that stores its weight as integers plus scales and dequantizes it
 on the fly inside ``forward`` (activations, the matmul and the log-softmax stay in the compute dtype). Its
-log-probs then differ from the full-precision reference's by a small, measured amount
-(``benchmarks/quant_ref.py``), which the KL estimators (SPEC section 4) tolerate.
+log-probs then differ from the full-precision reference's by a measured amount (``benchmarks/quant_ref.py``;
+on SmolLM2-135M int8 adds a k3 floor of ~4e-3 per token, round-to-nearest int4 at group 64 one of ~0.3).
 
 Schemes (`SCHEMES`; ``"none"`` is the plain frozen copy, `grpokit.models.ref_model`):
 
@@ -26,8 +26,9 @@ they are where a quantization error reaches the log-probs most directly, and in 
 small share of the weights. ``embeddings=True`` quantizes both with the same scheme (row-wise, which for
 the head is per output channel, so a tied embedding/head keeps one shared quantized copy).
 
-This is plain torch and runs on any device (CPU included, where torchao's int4 kernels need CUDA or extra
-kernel packages). On GPU, bitsandbytes (``Linear8bitLt``, ``Linear4bit`` NF4) and torchao
+This is plain torch and runs on any device. torchao 0.18 installs beside torch 2.13 (it declares no torch
+requirement); its ``Int8WeightOnlyConfig`` runs on CPU and matches this int8 closely (benchmarks), but its
+int4 needs CUDA or the ``mslk`` kernel package, hence this implementation. On GPU, bitsandbytes (``Linear8bitLt``, ``Linear4bit`` NF4) and torchao
 (``Int8WeightOnlyConfig``, ``Int4WeightOnlyConfig``) are faster fused alternatives for the same idea.
 
 Shapes: N output features, K input features, G = ceil(K / group_size) groups, ... leading dims.
