@@ -450,3 +450,34 @@ def process_credit(step_rewards, step_ends, step_mask, group_ids, mask, *, eps: 
                 continue
             out[i][tt] = sum(norm[i][j] for j in range(len(r[i])) if sm[i][j] and min(max(ends[i][j], 0), t - 1) >= tt)
     return torch.tensor(out, dtype=torch.float64).reshape(b, t)
+
+# ---------------------------------------------------------------- section 10: weight-only quantized reference
+# Element-by-element loops over rows and groups. The arithmetic is done on float32 / float16 scalar tensors,
+# not Python floats, so that the codes match the vectorised quantizer bit for bit (a float64 division could
+# round a code the other way at an exact tie); what the loops check is the grouping, padding and packing.
+
+def quantize_int4_loop(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Group-wise asymmetric int4 of W [N, K]: per group of `group_size` inputs (K zero-padded),
+    s = fp16((hi − lo) / 15) (1 if 0), m = fp16(lo), q = clamp(round((w − m) / s), 0, 15); byte j of a row
+    holds code 2j in its low nibble and code 2j+1 in its high nibble."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    padded = groups * group_size
+    qweight = torch.zeros(n, padded // 2, dtype=torch.uint8)
+    scale = torch.zeros(n, groups, dtype=torch.float16)
+    offset = torch.zeros(n, groups, dtype=torch.float16)
+    for r in range(n):
+        row = [weight[r, c].float() if c < k else torch.tensor(0.0) for c in range(padded)]
+        codes = []
+        for g in range(groups):
+            vals = row[g * group_size:(g + 1) * group_size]
+            lo, hi = min(vals), max(vals)
+            s = ((hi - lo) / 15).half()
+            s = s if s > 0 else torch.tensor(1.0, dtype=torch.float16)
+            m = lo.half()
+            scale[r, g], offset[r, g] = s, m
+            for v in vals:
+                codes.append(int(min(max(torch.round((v - m.float()) / s.float()).item(), 0), 15)))
+        for j in range(padded // 2):
+            qweight[r, j] = codes[2 * j] + 16 * codes[2 * j + 1]
+    return {"qweight": qweight, "scale": scale, "offset": offset}
