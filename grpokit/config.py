@@ -37,6 +37,9 @@ class ModelConfig:
     lora_alpha: float = doc("LoRA scaling alpha.", 16.0)
     lora_dropout: float = doc("LoRA dropout.", 0.0)
     lora_targets: list[str] = doc("Module names LoRA adapts.", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    ref_quantization: str = doc("Hold the frozen KL reference (algo.beta > 0, full fine-tuning) weight-only quantized: 'none', 'int8' (per output channel) or 'int4' (group-wise). benchmarks/README.md has its measured log-prob and k3 error.", "none")
+    ref_quant_group_size: int = doc("Input features per int4 scale/offset of the quantized reference (even).", 64)
+    ref_quant_embeddings: bool = doc("Also quantize the reference's input embedding and output head (default: full precision).", False)
 
 
 @dataclass
@@ -321,6 +324,7 @@ def validate(cfg: Config) -> list[str]:
         "algo.kl_source": (a.kl_source, ("old", "current")),
         "rewards.on_error": (cfg.rewards.on_error, ("raise", "zero", "skip")),
         "model.precision": (cfg.model.precision, ("auto", "bf16", "fp32")),
+        "model.ref_quantization": (cfg.model.ref_quantization, ("none", "int8", "int4")),
         "dist.strategy": (cfg.dist.strategy, ("none", "ddp", "fsdp2")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.old_logprobs": (t.old_logprobs, ("auto", "recompute")),
@@ -337,6 +341,10 @@ def validate(cfg: Config) -> list[str]:
     for where, value in positive.items():
         if value < 1:
             raise ConfigError(f"{where} must be >= 1, got {value}")
+    if cfg.model.ref_quantization != "none" and cfg.model.lora_r > 0:
+        raise ConfigError("model.ref_quantization needs full fine-tuning: with LoRA the reference is the policy with its adapters off (no copy to quantize); set model.ref_quantization = 'none'")
+    if cfg.model.ref_quant_group_size < 2 or cfg.model.ref_quant_group_size % 2:
+        raise ConfigError(f"model.ref_quant_group_size must be even and >= 2, got {cfg.model.ref_quant_group_size}")
     if r.group_size < 2 and a.advantage in {"grpo", "dr_grpo", "rloo", "batch_std"}:
         raise ConfigError(
             f"rollout.group_size = {r.group_size} gives every group a single member, so the group-relative "

@@ -120,7 +120,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
     transforms, optimizer; restore a checkpoint when resuming. `model`/`tokenizer`/`task`/`reward_funcs`
     replace what the config names (the Python API, `grpokit.train(...)`)."""
     from grpokit.data import get_task
-    from grpokit.models import autocast_context, load_model, ref_model
+    from grpokit.models import autocast_context, load_model, quantized_ref_model, ref_model
     from grpokit.rollout.engine import build_engine
     from grpokit.transforms import build_transforms
 
@@ -158,7 +158,9 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
 
         enable_gradient_checkpointing(model)
     if cfg.algo.beta > 0:  # beta = 0 never loads a reference model (SPEC 4)
-        ref = AdapterOff(model) if cfg.model.lora_r > 0 else ref_model(model).to(device)
+        m = cfg.model
+        ref = AdapterOff(model) if m.lora_r > 0 else quantized_ref_model(
+            model, m.ref_quantization, group_size=m.ref_quant_group_size, embeddings=m.ref_quant_embeddings).to(device)
     shard = cfg.dist.strategy == "fsdp2" and dist.is_distributed()
     # FSDP2 shards the trained module in place: the engine then runs an unsharded copy, made before sharding
     # and re-synced after every optimizer step (and after a restore)

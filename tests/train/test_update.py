@@ -61,3 +61,28 @@ def test_gradient_checkpointing_recomputes_layers_in_the_trainer(warm_tiny: str,
     plain, checkpointed = run(False), run(True)
     # the same sampling and scoring forwards, plus one recomputation per layer per update forward
     assert checkpointed > plain, (plain, checkpointed)
+
+
+def test_int8_reference_trains_a_step_with_its_kl(warm_tiny: str, tmp_path) -> None:
+    """model.ref_quantization = 'int8': the frozen reference is weight-only quantized, and its KL enters the loss."""
+    import json
+
+    from grpokit.models.quant import WeightOnlyLinear
+    from grpokit.train.loop import setup, train_step
+
+    overrides = {"model.name": warm_tiny, "model.precision": "fp32", "data.task": "copy2", "data.heldout_size": 0,
+                 "rollout.prompts_per_step": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 6,
+                 "train.progress": False, "train.report": False, "train.tensorboard": False, "train.final_eval": False,
+                 "train.run_dir": str(tmp_path / "q"), "algo.beta": 0.04, "model.ref_quantization": "int8"}
+    ctx = setup(load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+    assert any(isinstance(m, WeightOnlyLinear) for m in ctx.ref.modules())
+    ctx.state["step"] = 1
+    m = train_step(ctx)
+    assert m["kl_ref"] > 0 and m["loss"] == m["loss"]  # quantization error alone makes the KL non-zero
+
+
+def test_quantized_reference_with_lora_is_refused() -> None:
+    from grpokit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ref_quantization needs full fine-tuning"):
+        load_config(None, ["model.lora_r=4", "model.ref_quantization='int8'"])
