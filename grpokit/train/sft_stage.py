@@ -18,7 +18,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,7 +311,7 @@ def sft_step(ctx: SFTContext) -> dict[str, float]:
     n_tok, n_all = float(counts[0]), float(counts[1])
     micro = plan_micro([len(e) for e in mine], micro_batch_size=c.micro_batch_size,
                        max_tokens=c.max_tokens_per_microbatch, packed=ctx.pack)
-    n_micro = dist.all_reduce_max(len(micro))  # every rank runs as many forwards (FSDP2/DDP collectives)
+    n_micro = dist.lockstep(len(micro))  # every rank runs as many forwards (FSDP2/DDP collectives)
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -322,7 +321,7 @@ def sft_step(ctx: SFTContext) -> dict[str, float]:
         exs, weight = ([mine[i] for i in micro[k]], 1.0) if k < len(micro) else ([ctx.train[global_idx[0]]], 0.0)
         batch = collate(exs, model=ctx.base, pack=ctx.pack, pad_id=pad).to(ctx.device)
         last = k == n_micro - 1
-        sync = ctx.model.no_sync() if hasattr(ctx.model, "no_sync") and not last else nullcontext()
+        sync = dist.grad_sync(ctx.model, enabled=last)
         with sync:
             with ctx.autocast:
                 nll, _ = completion_nll(ctx.model, batch)
@@ -353,7 +352,7 @@ def heldout_loss(ctx: SFTContext) -> dict[str, float]:
     mine = ctx.heldout[dist.rank() :: dist.world_size()]
     bs = ctx.cfg.train.eval_batch_size
     chunks = [mine[s : s + bs] for s in range(0, len(mine), bs)]
-    n_micro = dist.all_reduce_max(len(chunks))
+    n_micro = dist.lockstep(len(chunks))
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     nll_sum, n_sum = 0.0, 0.0
     ctx.base.eval()

@@ -128,7 +128,7 @@ def test_two_ranks_match_one_process(setup_dir: Path, single: dict, start: dict,
 
 
 #: metrics that must be global (every rank's rows), not rank 0's own
-GLOBAL_METRICS = ("loss", "reward/mean", "reward/std", "acc", "len/mean", "len/max", "entropy", "clip/high",
+GLOBAL_METRICS = ("loss", "grad_norm", "reward/mean", "reward/std", "acc", "len/mean", "len/max", "entropy", "clip/high",
                   "ppo_kl", "tokens/trained", "tokens/generated", "frac_zero_var_groups")
 
 
