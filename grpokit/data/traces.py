@@ -10,8 +10,8 @@ checks and whose last number `numeric_match` reads as the answer:
 
 One step per column, right to left: the column's digits (plus the carry in, when it is not 0), their sum,
 the digit written and the carry out; a final carry is a last step of its own. `*` multiplies a multi-digit
-number by one digit (2..9) the same way: "tens 4*6+4=28 write 8 carry 2". Three-digit addition is about 65
-SmolLM2 tokens.
+number by one digit (2..9) the same way: "tens 4*6+4=28 write 8 carry 2". In SmolLM2 tokens (EOS included) a
+trace of two-digit addition is about 48 long, three-digit 64 (at most 70), four-digit 82 (at most 91).
 
 Imperfect traces (`error_rate`): with that probability a training trace contains one slip: one column's
 result is off by one (4+8+1=14), and everything after follows from the slip, so the trace is consistent

@@ -353,7 +353,6 @@ def run_sample(cfg: SampleConfig, *, engine: Any = None, model: Any = None, toke
     import torch
 
     from grpokit.data import get_task
-    from grpokit.rewards import columns_from_rows
     from grpokit.rollout import encode_prompts
     from grpokit.rollout.engine import SamplingParams, build_engine
     from grpokit.train.context import build_scorer, pick_device
@@ -391,39 +390,52 @@ def run_sample(cfg: SampleConfig, *, engine: Any = None, model: Any = None, toke
                             top_k=r.top_k, stop_strings=tuple(r.stop_strings))
     prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in rows], system=cfg.data.system_prompt or None,
                                 chat=cfg.data.chat_template)
-    per_batch = max(1, o.batch_size // o.n)  # whole prompts: the engine prefills a prompt's n copies once
+    stats = {"generate": 0.0, "score": 0.0, "tokens": 0, "reward_errors": {}}
     cands: list[Candidate] = []
-    t_gen = t_score = 0.0
-    tokens = 0
-    reward_errors: dict[str, int] = {}
+    per_batch = max(1, o.batch_size // o.n)  # whole prompts: the engine prefills a prompt's n copies once
     try:
         for start in range(0, len(rows), per_batch):
             idx = list(range(start, min(start + per_batch, len(rows))))
-            b_rows = [rows[i] for i in idx for _ in range(o.n)]
-            seeds = [sample_seed(o.seed, i, j) for i in idx for j in range(o.n)]
-            t0 = time.perf_counter()
-            roll = engine.generate([prompt_ids[i] for i in idx for _ in range(o.n)], params, seeds)
-            t1 = time.perf_counter()
-            lengths = roll.response_mask.sum(1).tolist()
-            truncated = roll.truncated.tolist()
-            prompts = [row["prompt"] for row in b_rows]
-            result = scorer.score(prompts, roll.texts, columns_from_rows(b_rows, completion_lengths=lengths, truncated=truncated))
-            scores = _score_value(result, scorer, o.reward_key)
-            formatted = fmt(prompts, roll.texts) if fmt is not None else [1.0] * len(b_rows)
-            t_gen, t_score = t_gen + t1 - t0, t_score + time.perf_counter() - t1
-            tokens += int(sum(lengths))
-            for name, count in result.errors.items():
-                reward_errors[name] = reward_errors.get(name, 0) + count
-            for m, (i, j) in enumerate((i, j) for i in idx for j in range(o.n)):
-                cands.append(Candidate(i, j, rows[i], roll.texts[m], int(lengths[m]), bool(truncated[m]), seeds[m],
-                                       float(result.total[m]), scores[m], formatted[m] >= 1.0))
+            cands += _sample_batch(engine, scorer, fmt, rows, prompt_ids, idx, params, o, stats)
             if o.progress:
-                print(f"sample: {len(cands)}/{len(rows) * o.n} generated ({t1 - t0:.1f} s)", file=sys.stderr, flush=True)
+                print(f"sample: {len(cands)}/{len(rows) * o.n} generated ({stats['generate']:.1f} s)", file=sys.stderr, flush=True)
     finally:
         if own_engine:
             engine.close()
-
     kept, report = apply_filters(cands, o)
+    return _write(cfg, rows, cands, kept, report, stats, time.perf_counter() - t_start)
+
+
+def _sample_batch(engine: Any, scorer: Any, fmt: Any, rows: list[dict[str, Any]], prompt_ids: list[list[int]],
+                  idx: list[int], params: Any, o: SampleOptions, stats: dict[str, Any]) -> list[Candidate]:
+    """Generate `o.n` samples for each prompt in `idx` (one engine call) and score them."""
+    from grpokit.rewards import columns_from_rows
+
+    pairs = [(i, j) for i in idx for j in range(o.n)]
+    b_rows = [rows[i] for i, _ in pairs]
+    seeds = [sample_seed(o.seed, i, j) for i, j in pairs]
+    t0 = time.perf_counter()
+    roll = engine.generate([prompt_ids[i] for i, _ in pairs], params, seeds)
+    t1 = time.perf_counter()
+    lengths = roll.response_mask.sum(1).tolist()
+    truncated = roll.truncated.tolist()
+    prompts = [row["prompt"] for row in b_rows]
+    result = scorer.score(prompts, roll.texts, columns_from_rows(b_rows, completion_lengths=lengths, truncated=truncated))
+    scores = _score_value(result, scorer, o.reward_key)
+    formatted = fmt(prompts, roll.texts) if fmt is not None else [1.0] * len(pairs)
+    stats["generate"] += t1 - t0
+    stats["score"] += time.perf_counter() - t1
+    stats["tokens"] += int(sum(lengths))
+    for name, count in result.errors.items():
+        stats["reward_errors"][name] = stats["reward_errors"].get(name, 0) + count
+    return [Candidate(i, j, rows[i], roll.texts[m], int(lengths[m]), bool(truncated[m]), seeds[m],
+                      float(result.total[m]), scores[m], formatted[m] >= 1.0) for m, (i, j) in enumerate(pairs)]
+
+
+def _write(cfg: SampleConfig, rows: list[dict[str, Any]], cands: list[Candidate], kept: list[Candidate],
+           report: dict[str, Any], stats: dict[str, Any], seconds: float) -> Path:
+    """OUT/config.toml, OUT/samples.jsonl (returned) and OUT/summary.json; print the filter table."""
+    o = cfg.sample
     out = _out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")
@@ -431,23 +443,23 @@ def run_sample(cfg: SampleConfig, *, engine: Any = None, model: Any = None, toke
     with jsonl.open("w", encoding="utf-8") as f:
         for c in kept:
             f.write(json.dumps(_output_row(c, cfg.model.name)) + "\n")
-    n_gen = len(cands)
-    correct = sum(c.score >= o.threshold for c in cands)
+    n_gen = max(len(cands), 1)
     summary = {
         "source_model": cfg.model.name, "task": cfg.data.task, "split": o.split, "prompts": len(rows),
-        "n": o.n, "k": o.k, "generated": n_gen, **report, "kept": len(kept),
+        "n": o.n, "k": o.k, "generated": len(cands), **report, "kept": len(kept),
         "prompts_kept": len({c.prompt_index for c in kept}),
-        "correct_rate": correct / n_gen if n_gen else 0.0,
-        "truncation_rate": sum(c.truncated for c in cands) / n_gen if n_gen else 0.0,
-        "mean_length_generated": tokens / n_gen if n_gen else 0.0,
+        "correct_rate": sum(c.score >= o.threshold for c in cands) / n_gen,
+        "format_rate": sum(c.formatted for c in cands) / n_gen,
+        "truncation_rate": sum(c.truncated for c in cands) / n_gen,
+        "mean_length_generated": stats["tokens"] / n_gen,
         "mean_length_kept": sum(c.length for c in kept) / len(kept) if kept else 0.0,
-        "tokens_generated": tokens, "reward_errors": reward_errors,
-        "seconds": {"generate": t_gen, "score": t_score, "total": time.perf_counter() - t_start},
+        "tokens_generated": stats["tokens"], "reward_errors": stats["reward_errors"],
+        "seconds": {"generate": stats["generate"], "score": stats["score"], "total": seconds},
         "samples": str(jsonl),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"rejection sampling from {cfg.model.name}: {len(rows)} prompts x {o.n} samples "
-          f"({tokens} tokens, {t_gen:.1f} s generating)")
-    print(format_counts(n_gen, report["removed"]))
+          f"({stats['tokens']} tokens, {stats['generate']:.1f} s generating)")
+    print(format_counts(len(cands), report["removed"]))
     print(f"kept {len(kept)} samples for {summary['prompts_kept']}/{len(rows)} prompts -> {jsonl}")
     return jsonl
