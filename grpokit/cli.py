@@ -133,6 +133,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """`grpokit sample RECIPE`: rejection sampling (grpokit.pipeline.sample); recipes in recipes/sample/."""
+    from grpokit.pipeline.sample import load_sample_config, run_sample
+    from grpokit.preflight import UserError, check_dataset, check_model, check_rewards
+
+    path = None
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.exists():
+            path = RECIPES / "sample" / f"{args.recipe.removeprefix('sample/')}.toml"
+        if not path.exists():
+            names = sorted(q.stem for q in (RECIPES / "sample").glob("*.toml"))
+            raise UserError(f"sample recipe '{args.recipe}' not found; give a TOML path or one of: {', '.join(names)}")
+    cfg = load_sample_config(path, args.set)
+    check_model(cfg.model.name)  # a run directory passes too: its final/ model is loaded
+    check_dataset(cfg.data.task)
+    check_rewards(cfg.rewards.functions)
+    run_sample(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grpokit.config import help_text
 
@@ -154,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (or a checkpoint directory)")
     s.set_defaults(fn=cmd_sft)
+
+    from grpokit.pipeline.sample import sample_help_text
+
+    sm = sub.add_parser("sample", help="rejection sampling: N completions per prompt, keep the correct and clean ones as an SFT JSONL",
+                        epilog=sample_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sm.add_argument("recipe", nargs="?", help="sample recipe TOML path or bundled name (recipes/sample/: r1_traces)")
+    sm.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a config field, e.g. --set sample.n=16 (repeatable)")
+    sm.set_defaults(fn=cmd_sample)
     ls = sub.add_parser("list", help="list registered advantages, credits, losses, aggregations, KLs, rewards, tasks, recipes")
     ls.add_argument("kind", nargs="?")
     ls.set_defaults(fn=cmd_list)

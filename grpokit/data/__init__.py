@@ -11,6 +11,7 @@ from grpokit.data.task import FILE_SUFFIXES, TASKS, Row, Task, expand_groups, ge
 from grpokit.data import arith as _arith  # noqa: F401  (registers "arith")
 from grpokit.data import files as _files  # noqa: F401  (registers "jsonl", "parquet", "hf")
 from grpokit.data import gym as _gym  # noqa: F401  (registers "rg")
+from grpokit.data import traces as _traces  # noqa: F401  (registers "add_trace")
 from grpokit.data.arith import ArithTask
 from grpokit.data.files import TableTask
 from grpokit.data.gym import ReasoningGymTask

@@ -168,3 +168,35 @@ def all_reduce_max_float(value: float) -> float:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def full_model_state(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of `model` on CPU; a collective when `sharded` (FSDP2): every rank calls it."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def full_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
+    """The full optimizer state (keyed by parameter names under FSDP2); a collective when `sharded`."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optim_state: dict[str, Any], sharded: bool) -> None:
+    """Load what `full_model_state` / `full_optim_state` returned (on any world size)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        set_model_state_dict(model, model_state, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+    else:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)

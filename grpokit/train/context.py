@@ -25,7 +25,7 @@ def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = 'cuda' but no CUDA device is visible; set train.device = 'cpu' or 'auto'")
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible; set train.device = 'cpu' or 'auto'")
     return name
 
 
@@ -196,19 +196,11 @@ def sharded(ctx: Context) -> bool:
 
 def model_state(ctx: Context) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of the policy; a collective under FSDP2 (every rank calls it)."""
-    if sharded(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(ctx.base, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return ctx.base.state_dict()
+    return dist.full_model_state(ctx.base, sharded(ctx))
 
 
 def optim_state(ctx: Context) -> dict[str, Any]:
-    if sharded(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(ctx.base, ctx.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return ctx.optimizer.state_dict()
+    return dist.full_optim_state(ctx.base, ctx.optimizer, sharded(ctx))
 
 
 def sync_weights(ctx: Context) -> float:
@@ -255,15 +247,7 @@ def restore(ctx: Context, resume: str | Path) -> None:
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
         path = found
     m, o, state = ckpt.load_checkpoint(path, None)
-    if sharded(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        set_model_state_dict(ctx.base, m, options=opts)
-        set_optimizer_state_dict(ctx.base, ctx.optimizer, o, options=opts)
-    else:
-        ctx.base.load_state_dict(m)
-        ctx.optimizer.load_state_dict(o)
+    dist.load_full_state(ctx.base, ctx.optimizer, m, o, sharded(ctx))
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.data_rng.setstate(ckpt._tuple(state["data_rng"]))
     if state.get("task") is not None and hasattr(ctx.task, "load_state_dict"):

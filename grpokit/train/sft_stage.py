@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grpokit import dist
 from grpokit.config import ConfigError
 from grpokit.train import checkpoint as ckpt
+from grpokit.train.context import pick_device, seed_everything
 from grpokit.train.metrics import MetricsLogger
 from grpokit.train.sft_config import SFTConfig, save_sft_config
 from grpokit.train.sft_data import (
@@ -60,20 +59,6 @@ def completion_nll(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tenso
 
 
 # ---------------------------------------------------------------------------- set-up
-
-def _pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is visible; set train.device = 'cpu' or 'auto'")
-    return name
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
 
 @dataclass
 class SFTContext:
@@ -138,7 +123,7 @@ def setup_sft(cfg: SFTConfig, *, resume: str | Path | None = None, data: Any = N
     """Process group, data, model (+LoRA), wrapping, optimizer; restores `resume` when given."""
     from grpokit.models import autocast_context, load_model
 
-    device = _pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device)
     dist.init(cfg.dist.backend, device)
     if cfg.dist.strategy == "none" and dist.world_size() > 1:
         raise ConfigError(f"launched on {dist.world_size()} ranks with dist.strategy = 'none': every rank would train its "
@@ -147,7 +132,7 @@ def setup_sft(cfg: SFTConfig, *, resume: str | Path | None = None, data: Any = N
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     train_rows, held_rows, where = _rows(cfg, data, heldout)  # before the model: bad data fails fast
 
     resuming_dir = resume and Path(resume).is_dir() and (Path(resume) / "config.toml").exists()
@@ -212,19 +197,11 @@ def _fsdp(ctx: SFTContext) -> bool:
 
 def model_state(ctx: SFTContext) -> dict[str, torch.Tensor]:
     """Full (unsharded) weights; a collective under FSDP2, so every rank calls it."""
-    if _fsdp(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(ctx.base, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return ctx.base.state_dict()
+    return dist.full_model_state(ctx.base, _fsdp(ctx))
 
 
 def optim_state(ctx: SFTContext) -> dict[str, Any]:
-    if _fsdp(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(ctx.base, ctx.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return ctx.optimizer.state_dict()
+    return dist.full_optim_state(ctx.base, ctx.optimizer, _fsdp(ctx))
 
 
 def save(ctx: SFTContext) -> Path | None:
@@ -252,15 +229,7 @@ def restore(ctx: SFTContext, resume: str | Path) -> None:
     m, o, state = ckpt.load_checkpoint(path, None)
     if state.get("stage") != "sft":
         raise ConfigError(f"--resume {resume}: {path} is not an SFT checkpoint; resume it with `grpokit train`")
-    if _fsdp(ctx):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        set_model_state_dict(ctx.base, m, options=opts)
-        set_optimizer_state_dict(ctx.base, ctx.optimizer, o, options=opts)
-    else:
-        ctx.base.load_state_dict(m)
-        ctx.optimizer.load_state_dict(o)
+    dist.load_full_state(ctx.base, ctx.optimizer, m, o, _fsdp(ctx))
     ctx.scheduler.load_state_dict(state.pop("scheduler"))
     ctx.order.load_state_dict(state.pop("order"))
     for k in ("world_size", "stage"):
