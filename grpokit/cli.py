@@ -106,7 +106,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind == "recipe":
             print("recipe")
-            for p in sorted(RECIPES.glob("*.toml")) + sorted(RECIPES.glob("sft/*.toml")):
+            for p in sorted(RECIPES.glob("*.toml")) + sorted(RECIPES.glob("sft/*.toml")) + sorted(RECIPES.glob("sample/*.toml")):
                 first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
                 name = p.stem if p.parent == RECIPES else f"{p.parent.name}/{p.stem}"
                 print(f"  {name:<26} {first}")
