@@ -70,6 +70,7 @@ class RewardsConfig:
     options: dict[str, dict[str, Any]] = doc("Per-function keyword options, keyed by function name.", factory=dict)
     on_error: str = doc("When a reward function raises or times out: 'raise' (stop, naming the sample), 'zero' or 'skip' (drop the sample).", "raise")
     timeout_s: float = doc("Per-call time limit for a reward function in seconds (0 = none).", 0.0)
+    concurrent: bool = doc("Run the reward functions of a batch at the same time, one thread each (for scorers that wait on an endpoint, a reward model or a sandbox).", False)
     overlong_buffer: int = doc("DAPO overlong shaping buffer L_c in tokens (0 = off); L_max is rollout.max_new_tokens.", 0)
 
 

@@ -173,6 +173,7 @@ class RewardSet:
         on_error: OnError = "raise",
         timeout_s: float | None = None,
         accuracy_key: str | None = None,
+        concurrent: bool = False,
     ) -> None:
         """specs: each `fn_or_name`, `(fn_or_name, weight)`, `(fn_or_name, weight, options)` or
         `(fn_or_name, weight, options, name)`; a name goes through `load_reward`; options are keyword
@@ -180,6 +181,8 @@ class RewardSet:
         keys `per_function` and the metrics.
         on_error: "raise" | "zero" | "skip" (module docstring). timeout_s: per call, None = no limit.
         accuracy_key: the reward whose value >= 1 means correct; default the first correctness reward.
+        concurrent: run the scorers of a batch at the same time, one thread each (for scorers that wait on a
+        server, a reward model or a sandbox); results and errors are the same as in order.
         """
         if on_error not in ("raise", "zero", "skip"):
             raise ValueError(f"on_error must be 'raise', 'zero' or 'skip', got {on_error!r}")
@@ -189,6 +192,7 @@ class RewardSet:
             raise ValueError("RewardSet needs at least one reward function, e.g. [('numeric_match', 1.0)]")
         self.on_error: OnError = on_error
         self.timeout_s = timeout_s
+        self.concurrent = concurrent
         self._entries: list[_Entry] = []
         for spec in specs:
             fn, weight, options, name, default_name = _parse_spec(spec)
@@ -245,8 +249,15 @@ class RewardSet:
         valid = [True] * B
         per_function: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
-        for e in self._entries:
-            values, failed = self._run(e, prompts, completions, cols)
+        if self.concurrent and len(self._entries) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=len(self._entries)) as pool:
+                futures = [pool.submit(self._run, e, prompts, completions, cols) for e in self._entries]
+                outcomes = [f.result() for f in futures]  # re-raises the first failure in entry order
+        else:
+            outcomes = [self._run(e, prompts, completions, cols) for e in self._entries]
+        for e, (values, failed) in zip(self._entries, outcomes):
             scores = []
             for i in range(B):
                 if i in failed:

@@ -79,7 +79,7 @@ def build_scorer(cfg: Config, reward_funcs: Sequence[Any] | None = None) -> Any:
     for fn, w in zip(funcs, weights):
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", type(fn).__name__)
         specs.append((fn, w, dict(r.options.get(name, {}))))
-    return RewardSet(specs, on_error=r.on_error, timeout_s=r.timeout_s or None)
+    return RewardSet(specs, on_error=r.on_error, timeout_s=r.timeout_s or None, concurrent=r.concurrent)
 
 
 class AdapterOff:

@@ -143,3 +143,32 @@ def test_duplicate_names_and_explicit_accuracy_key():
     assert rs.names == ["format", "format_2", "math_verify", "numeric_match"]
     assert rs.accuracy_key == "numeric_match"
     assert RewardSet([("format", 1.0), ("math_verify", 0.0), ("numeric_match", 1.0)]).accuracy_key == "math_verify"
+
+
+def test_concurrent_scoring_overlaps_waiting_scorers_and_gives_the_same_result() -> None:
+    """rewards.concurrent: two scorers that each wait 0.3 s finish together in well under 0.6 s, with the
+    same totals, per-function values and error handling as in order."""
+    import threading
+    import time
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def waiting(value):
+        def fn(prompts, completions, **_):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.3)
+            with lock:
+                running[0] -= 1
+            return [value] * len(completions)
+        fn.__name__ = f"wait_{value}"
+        return fn
+
+    specs = [(waiting(1.0), 1.0), (waiting(2.0), 0.5)]
+    seq = RewardSet(specs).score(["p"] * 3, ["a", "b", "c"], {})
+    peak[0] = 0
+    con = RewardSet(specs, concurrent=True).score(["p"] * 3, ["a", "b", "c"], {})
+    assert peak[0] == 2, "the two scorers did not run at the same time"
+    assert torch.equal(seq.total, con.total) and seq.per_function == con.per_function
