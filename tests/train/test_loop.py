@@ -62,7 +62,11 @@ SEEDED_GRPO = {"rollout.prompts_per_step": 8, "rollout.group_size": 8, "train.st
 
 
 def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> None:
-    """A fixed-seed GRPO run on copy2: greedy held-out accuracy rises by at least 20 points."""
+    """A fixed-seed GRPO run on copy2: greedy held-out accuracy rises by at least 20 points.
+
+    Measured (tests/margins.py, seeds 0-2 x kernels default/avx2/avx512): held-out rise 0.33-0.80,
+    training-batch rise 0.34-0.48; the 0.20 margins leave 2 held-out problems of room.
+    """
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(warm_tiny, run, **SEEDED_GRPO))
     train(cfg)
