@@ -64,8 +64,10 @@ SEEDED_GRPO = {"rollout.prompts_per_step": 8, "rollout.group_size": 8, "train.st
 def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> None:
     """A fixed-seed GRPO run on copy2: greedy held-out accuracy rises by at least 20 points.
 
-    Measured (tests/margins.py, seeds 0-2 x kernels default/avx2/avx512): held-out rise 0.33-0.80,
-    training-batch rise 0.34-0.48; the 0.20 margins leave 2 held-out problems of room.
+    Measured with the suite's warm-up (tests/margins.py --warm-seed 0, train.seed 0-4 x kernels
+    default/avx2/avx512, 15 runs): held-out rise 0.33-0.73, training-batch rise 0.28-0.63. The margins,
+    0.20 and 0.15, leave 2 held-out problems and 0.13 of batch accuracy of room; a run that does not
+    learn scores about 0 on both.
     """
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(warm_tiny, run, **SEEDED_GRPO))
@@ -76,7 +78,7 @@ def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> 
     rows = read_metrics(run)
     first = sum(r["acc"] for r in rows[:4]) / 4
     last = sum(r["acc"] for r in rows[-4:]) / 4
-    assert last - first >= 0.2, (first, last)
+    assert last - first >= 0.15, (first, last)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
