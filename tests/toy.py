@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 from grpokit.data import TASKS
+from grpokit.rewards import REWARDS, correctness
 
 HELDOUT = list(range(10, 100, 6))  # 15 numbers never used for training
 
@@ -39,6 +40,26 @@ class CopyTask:
 
 if "copy2" not in TASKS:
     TASKS.register("copy2")(lambda target="", **options: CopyTask())
+
+
+@correctness
+def copy2_digits(prompts: list[str], completions: list[str], *, answer: list[str]) -> list[float]:
+    """Partial credit for copy2: the share of places where the completion has the answer's character.
+
+    Divided by the longer of the two, so only the exact answer scores 1.0 (that is what `acc` counts):
+    '47' -> 1.0, '48' or '17' -> 0.5, '471' -> 2/3, '84' -> 0.0. The warmed-up model gets each digit
+    right about 40% of the time, so a group of 4 samples almost never has equal rewards (all-equal
+    numeric_match rewards are the common case there: about 0.7 of groups), and every step has a gradient.
+    """
+    out = []
+    for text, gold in zip(completions, answer):
+        text, gold = text.strip(), str(gold)
+        out.append(sum(a == b for a, b in zip(text, gold)) / max(len(text), len(gold), 1))
+    return out
+
+
+if "copy2_digits" not in REWARDS:
+    REWARDS.register("copy2_digits")(copy2_digits)
 
 
 def noisy_pairs(n: int, *, p_digit: float, seed: int) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ def tiny_overrides(model_dir: str, run_dir: Path, **extra: object) -> list[str]:
         "rollout.prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 6,
         "rollout.temperature": 1.0, "train.steps": 2, "train.micro_batch_size": 8, "train.lr": 1e-3,
         "train.run_dir": str(run_dir), "train.progress": False, "train.report": False, "train.tensorboard": False,
-        "rewards.functions": ["numeric_match"],
+        "rewards.functions": ["copy2_digits"],  # partial credit: every step has groups with mixed rewards
     }
     base.update(extra)
     return [f"{k}={json.dumps(v)}" for k, v in base.items()]
@@ -31,17 +31,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+TWO_STEPS = {"data.heldout_size": 0, "train.final_eval": False}
+
+
 def test_two_steps_give_finite_metrics_and_move_parameters(warm_tiny: str, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(warm_tiny, run, **{"data.heldout_size": 0, "train.final_eval": False}))
+    cfg = load_config(None, tiny_overrides(warm_tiny, run, **TWO_STEPS))
     train(cfg)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         for key in ("reward/mean", "acc", "entropy", "loss", "grad_norm", "time/rollout", "time/update", "len/median"):
             assert key in r and r[key] == r[key] and abs(r[key]) != float("inf"), key
+    # the precondition of the check below: a step whose groups all have equal rewards has no gradient
+    assert all(r["frac_zero_var_groups"] < 1 for r in rows), (
+        f"a step had no group with mixed rewards {[r['frac_zero_var_groups'] for r in rows]}: no gradient, so "
+        "the parameters cannot move; the toy task or reward no longer gives a signal (tests/toy.py)")
     before = load_file(str(Path(warm_tiny) / "model.safetensors"))
     after = load_file(str(run / "final" / "model.safetensors"))
     moved = sum(float((before[k] - after[k]).abs().max()) > 0 for k in before)
@@ -51,13 +58,20 @@ def test_two_steps_give_finite_metrics_and_move_parameters(warm_tiny: str, tmp_p
     assert AutoModelForCausalLM.from_pretrained(run / "final") is not None
 
 
+SEEDED_GRPO = {"rollout.prompts_per_step": 8, "rollout.group_size": 8, "train.steps": 20,
+               "train.micro_batch_size": 64, "train.lr": 2e-3, "train.seed": 0}
+
+
 def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> None:
-    """A fixed-seed GRPO run on copy2: greedy held-out accuracy rises by at least 20 points."""
+    """A fixed-seed GRPO run on copy2: greedy held-out accuracy rises by at least 20 points.
+
+    Measured with the suite's warm-up (tests/margins.py --warm-seed 0, train.seed 0-4 x kernels
+    default/avx2/avx512, 15 runs): held-out rise 0.33-0.73, training-batch rise 0.28-0.63. The margins,
+    0.20 and 0.15, leave 2 held-out problems and 0.13 of batch accuracy of room; a run that does not
+    learn scores about 0 on both.
+    """
     run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(warm_tiny, run, **{
-        "rollout.prompts_per_step": 8, "rollout.group_size": 8, "train.steps": 20,
-        "train.micro_batch_size": 64, "train.lr": 2e-3, "train.seed": 0,
-    }))
+    cfg = load_config(None, tiny_overrides(warm_tiny, run, **SEEDED_GRPO))
     train(cfg)
     ev = json.loads((run / "eval.json").read_text())
     before, after = ev["before"]["acc"], ev["after"]["acc"]
@@ -65,7 +79,7 @@ def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> 
     rows = read_metrics(run)
     first = sum(r["acc"] for r in rows[:4]) / 4
     last = sum(r["acc"] for r in rows[-4:]) / 4
-    assert last - first >= 0.2, (first, last)
+    assert last - first >= 0.15, (first, last)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -111,6 +125,8 @@ SLOW = pytest.mark.slow  # the algo tests cover every aggregation; the trainer-l
 def test_gradient_does_not_depend_on_micro_batching(warm_tiny: str, tmp_path: Path, loss: str, aggregation: str) -> None:
     """SPEC 3 through the real trainer: 1 micro-batch, 5-row micro-batches and a token budget agree."""
     ref = _grads_after_update(warm_tiny, tmp_path, "a", loss, aggregation, **{"train.micro_batch_size": 12})
+    norm = float(torch.cat([g.flatten() for g in ref]).norm())
+    assert norm > 1e-3, f"gradient norm {norm:.3g}: every group had equal rewards, so the comparison would be vacuous"
     for name, micro in [("b", {"train.micro_batch_size": 5}), ("c", {"train.max_tokens_per_microbatch": 90})]:
         got = _grads_after_update(warm_tiny, tmp_path, name, loss, aggregation, **micro)
         for g, r in zip(got, ref):
