@@ -23,7 +23,9 @@ TIMING = ("time/", "tokens/s")
 
 def cli_args(model_dir: str, run_dir: Path, steps: int) -> list[str]:
     sets = {
-        "model.name": model_dir, "model.precision": "fp32", "data.task": "arith", "data.heldout_size": 0,
+        # copy2 with its partial-credit reward: every step has groups with mixed rewards, so the weights move
+        "model.name": model_dir, "model.precision": "fp32", "data.task": "copy2", "data.heldout_size": 0,
+        "rewards.functions": [f"{Path(__file__).parents[1] / 'toy.py'}:copy2_digits"],
         "rollout.prompts_per_step": 3, "rollout.group_size": 3, "rollout.max_new_tokens": 5,
         "train.steps": steps, "train.save_every": 1, "train.keep_last": 10, "train.lr": 1e-3,
         "train.micro_batch_size": 4, "train.updates_per_rollout": 2, "train.run_dir": str(run_dir),
@@ -67,7 +69,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(warm_tiny: str, tmp_path:
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(cut / "final" / "model.safetensors"))
+    start = load_file(str(Path(warm_tiny) / "model.safetensors"))
     assert a.keys() == b.keys()
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4, "training did not move: the test would be vacuous"
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert metrics(full) == metrics(cut)
