@@ -10,7 +10,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install browser demo test test-slow test-all bench clean
+.PHONY: install browser demo demo-r1 test test-slow test-all bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(BIN)/grpokit train recipes/demo.toml
+
+demo-r1: install
+	$(BIN)/grpokit pipeline recipes/pipeline/r1.toml
 
 # The report test renders the page in headless Chromium (Debian's package); without it that test skips.
 browser:

@@ -178,7 +178,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     elif path is None:
         raise UserError("give a pipeline recipe (e.g. `grpokit pipeline r1`) or --resume DIR")
     cfg = load_pipeline(path, args.set, data=data, dir=args.resume)
-    run_pipeline(cfg)
+    from grpokit.train.sft_data import SFTDataError
+
+    try:
+        run_pipeline(cfg)
+    except SFTDataError as e:  # bad SFT data in a stage: one line, like `grpokit sft`
+        raise UserError(str(e)) from None
     return 0
 
 

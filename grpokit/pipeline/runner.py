@@ -14,6 +14,9 @@ A pipeline recipe is a TOML file:
     model = "base"                 # which model it reads: "previous" (default), "base", a stage name, a path
     data = "previous"              # sft only: the dataset a sample stage wrote ("previous" or its name)
 
+A string `model`/`data` is a link; a table is the config section. When a stage needs both (a link and a
+[stages.data] table), write the link as `from = "base"` (model) and `dataset = "previous"` (data).
+
 Each stage writes PIPE/<NN>-<name>/ and, when it has finished, a marker file there (written atomically);
 `grpokit pipeline --resume PIPE` skips finished stages and continues an interrupted one from its newest
 checkpoint. The runner evaluates the base model first and every model-producing stage's model after it
@@ -52,7 +55,7 @@ SUMMARY_MD = "summary.md"
 TOP_KEYS = ("recipe", "pipeline", "eval", "stages")
 PIPELINE_KEYS = ("base", "dir", "threads")
 #: Keys of a `[[stages]]` entry that are links, not config tables (a string `model`/`data` is a link).
-LINK_KEYS = ("kind", "name", "model", "data", "traces")
+LINK_KEYS = ("kind", "name", "model", "data", "traces", "from", "dataset")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -166,6 +169,15 @@ def _parse_stages(entries: Any, eval_table: dict[str, Any]) -> list[StageSpec]:
             raise ConfigError(f"stages[{i}].name = {name!r} is used twice; give each stage its own name")
         seen.add(name)
         settings = {k: v for k, v in entry.items() if k not in LINK_KEYS}
+        for alias, key in (("from", "model"), ("dataset", "data")):
+            if alias in entry:
+                if isinstance(entry.get(key), str):
+                    raise ConfigError(f"stages[{i}]: {alias} = {entry[alias]!r} and {key} = {entry[key]!r} are both links; give one")
+                if not isinstance(entry[alias], str):
+                    raise ConfigError(f"stages[{i}].{alias} must be a string (a stage name, 'previous', 'base' or a path)")
+                if key in entry:
+                    settings[key] = entry[key]
+                entry = {**entry, key: entry[alias]}
         model = entry.get("model", "previous")
         if isinstance(model, dict):
             settings["model"], model = model, "previous"
