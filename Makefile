@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 
-.PHONY: install lock browser demo test test-slow test-all bench clean
+.PHONY: install lock browser demo demo-r1 test test-slow test-all bench clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ lock:
 
 demo: install
 	$(BIN)/grpokit train recipes/demo.toml
+
+demo-r1: install
+	$(BIN)/grpokit pipeline recipes/pipeline/r1.toml
 
 # The report test renders the page in headless Chromium (Debian's package); without it that test skips.
 browser:

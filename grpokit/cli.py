@@ -1,4 +1,4 @@
-"""The command line: `grpokit train | sft | eval | report | list`."""
+"""The command line: `grpokit train | sft | sample | pipeline | eval | report | list`."""
 from __future__ import annotations
 
 import argparse
@@ -106,7 +106,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind == "recipe":
             print("recipe")
-            for p in sorted(RECIPES.glob("*.toml")) + sorted(RECIPES.glob("sft/*.toml")) + sorted(RECIPES.glob("sample/*.toml")):
+            for p in sorted(RECIPES.glob("*.toml")) + sorted(RECIPES.glob("sft/*.toml")) + sorted(RECIPES.glob("sample/*.toml")) + sorted(RECIPES.glob("pipeline/*.toml")):
                 first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
                 name = p.stem if p.parent == RECIPES else f"{p.parent.name}/{p.stem}"
                 print(f"  {name:<26} {first}")
@@ -154,6 +154,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """`grpokit pipeline RECIPE [--set stages.N.field=...] [--resume DIR]` (grpokit.pipeline.runner)."""
+    import json
+
+    from grpokit.pipeline.runner import PIPELINE_FILE, load_pipeline, run_pipeline
+    from grpokit.preflight import UserError
+
+    path, data = None, None
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.exists():
+            path = RECIPES / "pipeline" / f"{args.recipe.removeprefix('pipeline/')}.toml"
+        if not path.exists():
+            names = sorted(q.stem for q in (RECIPES / "pipeline").glob("*.toml"))
+            raise UserError(f"pipeline recipe '{args.recipe}' not found; give a TOML path or one of: {', '.join(names)}")
+    if args.resume:
+        saved = Path(args.resume) / PIPELINE_FILE
+        if not saved.exists():
+            raise UserError(f"--resume {args.resume}: no {PIPELINE_FILE} there; give the directory a pipeline run wrote")
+        if path is None:
+            data = json.loads(saved.read_text())
+    elif path is None:
+        raise UserError("give a pipeline recipe (e.g. `grpokit pipeline r1`) or --resume DIR")
+    cfg = load_pipeline(path, args.set, data=data, dir=args.resume)
+    from grpokit.train.sft_data import SFTDataError
+
+    try:
+        run_pipeline(cfg)
+    except SFTDataError as e:  # bad SFT data in a stage: one line, like `grpokit sft`
+        raise UserError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from grpokit.config import help_text
 
@@ -184,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. --set sample.n=16 (repeatable)")
     sm.set_defaults(fn=cmd_sample)
+    pl = sub.add_parser("pipeline", help="run a multi-stage recipe (sft, rl, sample, eval stages; DeepSeek-R1) with a stage table",
+                        description="Run the [[stages]] of a pipeline recipe (recipes/pipeline/: r1); each stage takes the tables of "
+                                    "its command's config (grpokit sft/train/sample --help). Finished stages are skipped on --resume.")
+    pl.add_argument("recipe", nargs="?", help="pipeline recipe TOML path or bundled name (recipes/pipeline/: r1)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, e.g. --set stages.1.train.steps=5 (stage by 0-based index or name) or --set eval.data.heldout_size=50")
+    pl.add_argument("--resume", metavar="DIR", help="continue the pipeline directory DIR (its recipe is read from DIR when none is given)")
+    pl.set_defaults(fn=cmd_pipeline)
     ls = sub.add_parser("list", help="list registered advantages, credits, losses, aggregations, KLs, rewards, tasks, recipes")
     ls.add_argument("kind", nargs="?")
     ls.set_defaults(fn=cmd_list)

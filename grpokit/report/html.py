@@ -470,9 +470,12 @@ def render_report(run_dir: str | os.PathLike) -> str:
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write `run_dir/report.html` (atomically, so a viewer never sees half a page) and return its path."""
+    """Write `run_dir/report.html` (atomically, so a viewer never sees half a page) and return its path.
+    A pipeline directory (`grpokit pipeline`) gets the report across its stages (grpokit.report.pipeline)."""
     run_dir = Path(run_dir)
-    page = render_report(run_dir)
+    from grpokit.report.pipeline import is_pipeline_dir, render_pipeline_report
+
+    page = render_pipeline_report(run_dir) if is_pipeline_dir(run_dir) else render_report(run_dir)
     out = run_dir / REPORT_NAME
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{REPORT_NAME}.", suffix=".tmp")
     try:
