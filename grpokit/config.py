@@ -250,22 +250,31 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
-    """Defaults <- TOML recipe <- keyword sections <- `--set` overrides, then validated."""
-    data: dict[str, Any] = {}
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"recipe '{path}' not found; `grpokit list recipes` shows the bundled ones")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"recipe '{path}' is not valid TOML: {e}") from None
-        data.setdefault("recipe", path.stem)
+def read_recipe(path: str | Path, *, kind: str = "recipe", hint: str = "`grpokit list recipes` shows the bundled ones") -> dict[str, Any]:
+    """The tables of a TOML recipe, with `recipe` set from its file name; a missing or invalid file is a
+    ConfigError naming it (`kind`: 'recipe', 'SFT recipe', ...; `hint`: where the bundled ones are)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{kind} '{path}' not found; {hint}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{kind} '{path}' is not valid TOML: {e}") from None
+    data.setdefault("recipe", path.stem)
+    return data
+
+
+def build(cfg: Any, data: dict[str, Any], sections: dict[str, Any], overrides: list[str] | None) -> Any:
+    """`cfg` (a config dataclass of defaults) <- recipe tables <- keyword sections <- `--set` overrides."""
     _deep_update(data, sections)
     _deep_update(data, parse_overrides(overrides or []))
     _merge(cfg, data, "")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> Config:
+    """Defaults <- TOML recipe <- keyword sections <- `--set` overrides, then validated."""
+    cfg = build(Config(), read_recipe(path) if path is not None else {}, sections, overrides)
     validate(cfg)
     return cfg
 

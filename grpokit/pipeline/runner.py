@@ -36,12 +36,11 @@ import re
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpokit.config import ConfigError, _deep_update, _parse_value, parse_overrides
+from grpokit.config import ConfigError, _deep_update, _parse_value, parse_overrides, read_recipe
 from grpokit.pipeline.stages import (
     DONE_MARKER, STAGES, EvalConfig, StageSpec, eval_row, evaluate_model, load_eval_config, stage_config, write_marker,
 )
@@ -112,14 +111,7 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
     `dir`, and check it: every stage's kind, links and config (a misspelt field fails naming the stage)."""
     raw: dict[str, Any] = json.loads(json.dumps(data)) if data is not None else {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"pipeline recipe '{path}' not found; bundled ones are in recipes/pipeline/ (e.g. r1)")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"pipeline recipe '{path}' is not valid TOML: {e}") from None
-        raw.setdefault("recipe", path.stem)
+        raw = read_recipe(path, kind="pipeline recipe", hint="bundled ones are in recipes/pipeline/ (e.g. r1)")
     _apply_overrides(raw, list(overrides or []))
     for key in raw:
         if key not in TOP_KEYS:

@@ -37,14 +37,12 @@ import math
 import random
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, get_type_hints
 
 from grpokit.config import (
-    ConfigError, DataConfig, ModelConfig, RewardsConfig, RolloutConfig, _deep_update, _merge, doc,
-    parse_overrides, save_config,
+    ConfigError, DataConfig, ModelConfig, RewardsConfig, RolloutConfig, build, doc, read_recipe, save_config,
 )
 
 __all__ = [
@@ -104,20 +102,8 @@ def load_sample_config(path: str | Path | None = None, overrides: list[str] | No
     """Defaults <- TOML recipe <- keyword sections <- `--set` overrides, then validated. The RL sections
     `[model]`, `[data]`, `[rollout]`, `[rewards]` mean what they mean in `grpokit train`; `[sample]` is ours.
     LoRA fields are not used: give a merged model (a run's `final/` is one)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"sample recipe '{path}' not found; bundled ones are in recipes/sample/")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"sample recipe '{path}' is not valid TOML: {e}") from None
-        data.setdefault("recipe", path.stem)
-    _deep_update(data, sections)
-    _deep_update(data, parse_overrides(overrides or []))
-    cfg = SampleConfig()
-    _merge(cfg, data, "")
+    data = read_recipe(path, kind="sample recipe", hint="bundled ones are in recipes/sample/") if path is not None else {}
+    cfg = build(SampleConfig(), data, sections, overrides)
     validate_sample(cfg)
     return cfg
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from grpokit.config import ConfigError, DistConfig, ModelConfig, _deep_update, _merge, doc, parse_overrides, save_config
+from grpokit.config import ConfigError, DistConfig, ModelConfig, build, doc, read_recipe, save_config
 
 __all__ = ["SFTConfig", "SFTDataConfig", "SFTTrainConfig", "load_sft_config", "save_sft_config", "sft_help_text", "validate_sft"]
 
@@ -72,20 +71,8 @@ class SFTConfig:
 
 def load_sft_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections: Any) -> SFTConfig:
     """Defaults <- TOML recipe <- keyword sections <- `--set` overrides, then validated (`validate_sft`)."""
-    data: dict[str, Any] = {}
-    cfg = SFTConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"recipe '{path}' not found; bundled SFT recipes are in recipes/sft/ (e.g. `grpokit sft demo`)")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"recipe '{path}' is not valid TOML: {e}") from None
-        data.setdefault("recipe", path.stem)
-    _deep_update(data, sections)
-    _deep_update(data, parse_overrides(overrides or []))
-    _merge(cfg, data, "")
+    data = read_recipe(path, kind="recipe", hint="bundled SFT recipes are in recipes/sft/ (e.g. `grpokit sft demo`)") if path is not None else {}
+    cfg = build(SFTConfig(), data, sections, overrides)
     validate_sft(cfg)
     return cfg
 
