@@ -113,7 +113,17 @@ class AlgoConfig:
     max_gen_batches: int = doc("Dynamic sampling: at most this many rollout rounds per step.", 3)
     overlong_filter: bool = doc("DAPO overlong filtering: truncated responses are masked out of the loss.", False)
     dynamic_sampling_metric: str = doc("What dynamic sampling compares within a group: 'acc' (task correctness, as DAPO and verl's filter_groups.metric=acc) or 'reward' (the shaped total).", "acc")
-    transforms: list[str] = doc("Extra batch transforms (`grpokit list transform`), run after overlong shaping/filtering and dynamic sampling.", factory=list)
+    transforms: list[str] = doc("Extra batch transforms (`grpokit list transform`): SPEC 11's 'dot', 'truncation_penalty' and 'grpo_lambda' run before dynamic sampling (their papers' order), others after overlong shaping/filtering and dynamic sampling.", factory=list)
+    # ---- SPEC 11, the catalogue (docs/catalogue.md): ACE, GRPO-lambda, DOT, DLER, APO, RAPO
+    adv_transform: str = doc("Transform of the group advantages before token credit (`grpokit list adv_transform`): 'none' or 'ace' (arXiv 2602.21420: A_i < 0 scaled by 1 + ace_alpha * softplus(c_i), c_i the rollout's log-ratio to the reference; loads the reference model even with beta = 0).", "none")
+    ace_alpha: float = doc("ACE's alpha, the strength of the extra penalty on confident errors.", 1.0)
+    kl_weight: str = doc("Per-sequence weight of the KL in the loss (`grpokit list kl_weight`): 'constant' (beta) or 'apo' (APO/DADS: beta * (1 - exp(-apo_e * (1 - group accuracy))) on correct samples).", "constant")
+    apo_e: float = doc("APO/DADS: the rate e in 1 - exp(-e * (1 - d)) (default Euler's number, as SPEC 11 writes it).", math.e)
+    grpo_lambda_frac: float = doc("GRPO-lambda (transform 'grpo_lambda', arXiv 2505.18086): the fraction lambda of groups, by accuracy, whose correct answers get the length penalty.", 0.2)
+    grpo_lambda_alpha: float = doc("GRPO-lambda: the length penalty strength alpha (correct reward 1 - alpha * sigmoid(z), z the length z-score among the group's correct answers).", 0.6)
+    dot_std_mult: float = doc("DOT (transform 'dot', arXiv 2601.03969): the cut T = floor(mean + dot_std_mult * std) of an all-correct group's lengths (with the unbiased std a member can pass mean + 3 std only in groups of 11 or more).", 3.0)
+    dot_margin: int = doc("DOT: a response is cut only when it is at least this many tokens longer than T.", 32)
+    length_cap: int = doc("DLER's truncation penalty (transform 'truncation_penalty', arXiv 2510.15110): responses longer than this many tokens get reward 0 (0 = rollout.max_new_tokens; responses that hit the generation limit are always penalised).", 0)
 
 
 @dataclass
@@ -308,6 +318,41 @@ def _check_loss_hparams(a: AlgoConfig, losses: Any) -> None:
         raise ConfigError(f"FIPO needs 0 <= algo.fipo_f_low <= algo.fipo_f_high, got {lo} and {hi}")
 
 
+def _check_catalogue(cfg: Config) -> None:
+    """SPEC 11's options (docs/catalogue.md): names, ranges and the combinations they need."""
+    a, r = cfg.algo, cfg.rollout
+    from grpokit.algo import ADV_TRANSFORMS, KL_WEIGHTS
+
+    for reg, name, where in [(ADV_TRANSFORMS, a.adv_transform, "algo.adv_transform"), (KL_WEIGHTS, a.kl_weight, "algo.kl_weight")]:
+        if name not in reg:
+            try:
+                reg.get(name)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+    if a.adv_transform == "ace" and not (math.isfinite(a.ace_alpha) and a.ace_alpha > 0):
+        raise ConfigError(f"algo.ace_alpha must be a number > 0 with algo.adv_transform = 'ace', got {a.ace_alpha}")
+    if a.kl_weight != "constant" and not (a.beta > 0 and a.kl_placement == "loss"):
+        raise ConfigError(
+            f"algo.kl_weight = '{a.kl_weight}' weights the KL term in the loss per sequence; set algo.beta > 0 and "
+            "algo.kl_placement = 'loss', or set algo.kl_weight = 'constant'"
+        )
+    if not (math.isfinite(a.apo_e) and a.apo_e > 0):
+        raise ConfigError(f"algo.apo_e must be a number > 0, got {a.apo_e}")
+    if not 0 < a.grpo_lambda_frac <= 1:
+        raise ConfigError(f"algo.grpo_lambda_frac must be in (0, 1] (the paper uses 0.2), got {a.grpo_lambda_frac}")
+    if not (math.isfinite(a.grpo_lambda_alpha) and a.grpo_lambda_alpha >= 0):
+        raise ConfigError(f"algo.grpo_lambda_alpha must be a number >= 0, got {a.grpo_lambda_alpha}")
+    if not (math.isfinite(a.dot_std_mult) and a.dot_std_mult >= 0):
+        raise ConfigError(f"algo.dot_std_mult must be a number >= 0 (the paper uses 3), got {a.dot_std_mult}")
+    if a.dot_margin < 1:
+        raise ConfigError(f"algo.dot_margin must be >= 1 token (the paper uses 32), got {a.dot_margin}")
+    if not 0 <= a.length_cap <= r.max_new_tokens:
+        raise ConfigError(
+            f"algo.length_cap = {a.length_cap} must be between 0 (= rollout.max_new_tokens) and "
+            f"rollout.max_new_tokens = {r.max_new_tokens}: a response cannot be longer than the generation limit"
+        )
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError on impossible combinations; return (and emit) warnings for useless ones."""
     a, r, t = cfg.algo, cfg.rollout, cfg.train
@@ -365,6 +410,7 @@ def validate(cfg: Config) -> list[str]:
     if a.credit == "frpo" and a.beta <= 0:
         raise ConfigError("algo.credit = 'frpo' needs algo.beta > 0 (the paper uses 0.01)")
     _check_loss_hparams(a, LOSSES)
+    _check_catalogue(cfg)
     if a.kl_source == "current" and a.kl_placement != "advantage":
         raise ConfigError(
             "algo.kl_source = 'current' only changes where FRPO's KL-to-go comes from; set algo.credit = 'frpo' "

@@ -481,3 +481,92 @@ def quantize_int4_loop(weight: torch.Tensor, group_size: int) -> dict[str, torch
         for j in range(padded // 2):
             qweight[r, j] = codes[2 * j] + 16 * codes[2 * j + 1]
     return {"qweight": qweight, "scale": scale, "offset": offset}
+
+
+# ---- section 11 (catalogue): ACE, GRPO-lambda, DOT, DLER, APO, RAPO
+# Each transcribes docs/catalogue.md line by line with Python floats; ties and edge cases are spelled out.
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def ace(seq_adv, mask, old_logp, ref_logp, *, alpha: float) -> torch.Tensor:
+    """A_i < 0: A_i·(1 + α·softplus(c_i)), c_i = Σ_t m(ℓ° − ℓʳ); A_i ≥ 0 unchanged."""
+    a, m, lo, lr = seq_adv.tolist(), mask.tolist(), old_logp.tolist(), ref_logp.tolist()
+    out = []
+    for i in range(len(a)):
+        c = sum(lo[i][t] - lr[i][t] for t in range(len(m[i])) if m[i][t])
+        out.append(a[i] * (1.0 + alpha * _softplus(c)) if a[i] < 0 else a[i])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def apo_kl_weight(correct, valid, group_ids, *, beta: float, e: float) -> torch.Tensor:
+    """β_i = β·(1 − exp(−e·(1 − d))) for correct (valid) rows, β otherwise; d = group accuracy over valid rows."""
+    ok, v, g = correct.tolist(), valid.tolist(), group_ids.tolist()
+    out = [beta] * len(ok)
+    for members in _groups(g).values():
+        n = sum(1 for i in members if v[i])
+        d = sum(1 for i in members if v[i] and ok[i]) / n if n else 0.0
+        for i in members:
+            if v[i] and ok[i]:
+                out[i] = beta * (1.0 - math.exp(-e * (1.0 - d)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def grpo_lambda_penalty(lengths, correct, valid, group_ids, *, frac: float, alpha: float) -> torch.Tensor:
+    """Top ⌈λ·S⌉ groups by accuracy (ties: smaller group id first); in them each correct row loses
+    α·σ((L − mean_c)/std_c), mean/std (population) over the group's correct rows, z = 0 if std_c = 0."""
+    L, ok, v, g = lengths.tolist(), correct.tolist(), valid.tolist(), group_ids.tolist()
+    groups = _groups(g)
+    acc = {}
+    for gid, members in groups.items():
+        n = sum(1 for i in members if v[i])
+        acc[gid] = sum(1 for i in members if v[i] and ok[i]) / max(n, 1)
+    ranked = sorted(groups, key=lambda gid: (-acc[gid], gid))
+    k = min(max(math.ceil(frac * len(groups) - 1e-9), 1), len(groups)) if groups else 0
+    out = [0.0] * len(L)
+    for gid in ranked[:k]:
+        good = [i for i in groups[gid] if v[i] and ok[i]]
+        if not good:
+            continue
+        mu = sum(L[i] for i in good) / len(good)
+        sd = math.sqrt(sum((L[i] - mu) ** 2 for i in good) / len(good))
+        for i in good:
+            z = (L[i] - mu) / sd if sd > 0 else 0.0
+            out[i] = alpha / (1.0 + math.exp(-z))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def dot_cut_lengths(lengths, correct, valid, group_ids, *, std_mult: float, margin: int) -> torch.Tensor:
+    """All-correct groups: T = floor(mean + k·std) (unbiased std, 0 for one member); L − T ≥ margin -> L = T."""
+    L, ok, v, g = lengths.tolist(), correct.tolist(), valid.tolist(), group_ids.tolist()
+    out = list(L)
+    for members in _groups(g).values():
+        if not all(v[i] and ok[i] for i in members):
+            continue
+        xs = [float(L[i]) for i in members]
+        mu = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        cut_at = math.floor(mu + std_mult * sd)
+        for i in members:
+            if L[i] - cut_at >= margin:
+                out[i] = cut_at
+    return torch.tensor(out, dtype=torch.long)
+
+
+def truncation_penalized(lengths, truncated, *, cap: int) -> torch.Tensor:
+    """Reward 0 when the row did not finish, or when cap > 0 and it is longer than cap."""
+    return torch.tensor([bool(tr) or (cap > 0 and n > cap) for n, tr in zip(lengths.tolist(), truncated.tolist())])
+
+
+def forward_kl(logp, ref_logp) -> torch.Tensor:
+    """w·log w − w + 1 with w = π_ref/π_θ = exp(ℓʳ − ℓ), δ = ℓ − ℓʳ clamped to ±20 first."""
+    lp, rp = logp.tolist(), ref_logp.tolist()
+    out = torch.zeros(logp.shape, dtype=torch.float64)
+    for i in range(len(lp)):
+        for j in range(len(lp[i])):
+            d = _clamp(lp[i][j] - rp[i][j], -CLAMP, CLAMP)
+            w = math.exp(-d)
+            out[i, j] = w * math.log(w) - w + 1.0
+    return out

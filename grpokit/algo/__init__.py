@@ -6,6 +6,7 @@ extension points; `grpokit list` prints REGISTRIES with each entry's first docst
 """
 from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
+from grpokit.algo.catalogue import ADV_TRANSFORMS, KL_WEIGHTS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
@@ -19,6 +20,8 @@ REGISTRIES: dict[str, Registry] = {
     "aggregation": AGGREGATIONS,
     "kl": KL,
     "seq_weight": SEQ_WEIGHTS,
+    "adv_transform": ADV_TRANSFORMS,
+    "kl_weight": KL_WEIGHTS,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "ADV_TRANSFORMS", "KL_WEIGHTS", "REGISTRIES", "Registry"]

@@ -13,7 +13,7 @@ from grpokit.algo.constants import LOG_RATIO_CLAMP
 from grpokit.algo.masked import to_f32
 from grpokit.algo.registry import Registry
 
-__all__ = ["KL", "k1", "k2", "k3"]
+__all__ = ["KL", "k1", "k2", "k3", "forward_kl"]
 
 KL = Registry("kl")
 
@@ -52,3 +52,17 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """
     d = _delta(logp, ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B,T]
     return torch.expm1(-d) + d  # [B,T] e^{−δ} − 1 + δ, expm1 for accuracy at small δ
+
+
+@KL.register("forward_kl")
+def forward_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Forward KL(π_ref ‖ π_θ) per token, w·log w − w + 1 with w = π_ref/π_θ (RAPO, arXiv 2510.03865).
+
+    Sampled from π_θ, E[w log w] is the forward KL and E[w] = 1, so the estimator is unbiased and ≥ 0
+    (f(w) = w log w − w + 1 ≥ 0). Its gradient is w·δ·∇ℓ: mass-covering, it pulls up tokens the
+    reference likes more than the policy does. δ is clamped to ±LOG_RATIO_CLAMP first, as in k3.
+    Shapes: logp, ref_logp [B,T] -> [B,T].
+    """
+    d = _delta(logp, ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B,T]
+    w = torch.exp(-d)  # [B,T] π_ref/π_θ
+    return -w * d - torch.expm1(-d)  # [B,T] w·log w − (w − 1), log w = −δ

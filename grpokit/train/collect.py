@@ -101,7 +101,7 @@ def collect(ctx: Any) -> Collected:
     for round_ in range(c.algo.max_gen_batches if dropping else 1):
         raw, t_gen, t_score = sample_round(ctx, round_)
         t0 = time.perf_counter()
-        sb = apply_transforms(raw, ctx.transforms, cfg=c)
+        sb = apply_transforms(raw, ctx.transforms, cfg=c, ctx=ctx)
         info["time/rollout"] += t_gen
         info["time/reward"] += t_score + time.perf_counter() - t0
         info["dynamic/rounds"] += 1
@@ -115,7 +115,7 @@ def collect(ctx: Any) -> Collected:
         info["dynamic/kept_groups"] = float(len(keys))
     if not keys:  # nothing survived the filters
         keep = [(n, fn) for n, fn in ctx.transforms if not getattr(fn, "drops_groups", False)]
-        part, keys = first_groups(apply_transforms(raw, keep, cfg=c), want)
+        part, keys = first_groups(apply_transforms(raw, keep, cfg=c, ctx=ctx), want)
         kept = [part]
     batch = ScoredBatch.cat(kept, ctx.tokenizer.pad_token_id)
     if len(batch) == 0:  # this rank kept no group: a placeholder keeps its forwards in step with the others

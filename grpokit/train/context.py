@@ -15,6 +15,7 @@ from grpokit import dist
 from grpokit.config import Config, ConfigError, save_config
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.metrics import MetricsLogger
+from grpokit.train.step import needs_reference
 
 
 class TrainingStopped(RuntimeError):
@@ -157,7 +158,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
         from grpokit.models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    if cfg.algo.beta > 0:  # beta = 0 never loads a reference model (SPEC 4)
+    if needs_reference(cfg.algo):  # beta = 0 never loads a reference model (SPEC 4), unless ACE reads it (SPEC 11)
         m = cfg.model
         ref = AdapterOff(model) if m.lora_r > 0 else quantized_ref_model(
             model, m.ref_quantization, group_size=m.ref_quant_group_size, embeddings=m.ref_quant_embeddings).to(device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS
+from grpokit.algo import ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS
 from grpokit.algo.constants import LOG_RATIO_CLAMP
 from grpokit.algo.credit import cancellation_residual
 from grpokit.algo.masked import to_f32
@@ -37,6 +37,7 @@ class Batch:
     ref_logp: torch.Tensor | None  # [B, T] f32 or None when beta = 0
     entropy: torch.Tensor          # [B, T] f32, of the sampling policy (metrics only)
     seq_weight: torch.Tensor | None = None  # [B] f32 stop-gradient sequence weights (algo.seq_weight), or None
+    kl_weight: torch.Tensor | None = None  # [B] f32 per-sequence KL-in-loss weight (algo.kl_weight, SPEC 11), or None = beta
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows `idx`, with columns trimmed to what those rows use (all-pad prompt columns, tail)."""
@@ -268,7 +269,8 @@ def micro_batch_loss(
     per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
     if cfg.beta > 0 and cfg.kl_placement == "loss":
         kl = KL.call(cfg.kl_estimator, logp, batch.ref_logp)  # [b, T']
-        per_tok = per_tok + cfg.beta * kl * mask
+        beta = cfg.beta if batch.kl_weight is None else batch.kl_weight[:, None]  # [] or [b, 1] (APO, SPEC 11)
+        per_tok = per_tok + beta * kl * mask
     loss = AGGREGATIONS.call(
         cfg.aggregation, per_tok, mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_const=norm_const
     )
@@ -294,3 +296,36 @@ def micro_batch_loss(
         else:
             stats.add("fipo/" + key[5:], value.float(), torch.ones_like(value, dtype=torch.float32))
     return loss, s
+
+
+# ---------------------------------------------------------------------------- SPEC 11, the catalogue
+
+def needs_reference(cfg: AlgoConfig) -> bool:
+    """Whether the trainer loads the reference model: a KL to it (beta > 0), or an advantage transform that
+    reads its log-probs (ACE). Otherwise none is loaded and no reference pass runs (SPEC 4)."""
+    return cfg.beta > 0 or "ref_logp" in (ADV_TRANSFORMS.accepts(cfg.adv_transform) or ())
+
+
+def transform_needs_old_logprobs(cfg: AlgoConfig) -> bool:
+    """Whether the advantage transform reads ℓ° before the update (ACE's c_i)."""
+    return "old_logp" in (ADV_TRANSFORMS.accepts(cfg.adv_transform) or ())
+
+
+def transformed_advantages(
+    seq_adv: torch.Tensor, response_mask: torch.Tensor, *, cfg: AlgoConfig,
+    old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+) -> torch.Tensor:
+    """The group advantages after algo.adv_transform (SPEC 11: 'none', ACE): [B] -> [B], no grad."""
+    return ADV_TRANSFORMS.call(cfg.adv_transform, seq_adv, response_mask, old_logp=old_logp, ref_logp=ref_logp,
+                               alpha=cfg.ace_alpha)  # [B]
+
+
+def sequence_kl_weights(
+    seq_adv: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, *, cfg: AlgoConfig,
+) -> torch.Tensor | None:
+    """The per-sequence weight of the KL-in-loss term (algo.kl_weight: beta, or APO's, SPEC 11): [B] f32 for
+    `Batch.kl_weight`, or None when there is no KL in the loss. `correct`/`valid` [B] bool: task accuracy
+    and the rows that count; `group_ids` [B]."""
+    if not (cfg.beta > 0 and cfg.kl_placement == "loss"):
+        return None
+    return KL_WEIGHTS.call(cfg.kl_weight, seq_adv, correct, valid, group_ids, beta=cfg.beta, e=cfg.apo_e).float()  # [B]

@@ -20,7 +20,8 @@ from grpokit import dist
 from grpokit.train.collect import Collected
 from grpokit.train.step import (
     Batch, StatSums, cancellation_metrics, credit_needs_step_rewards, micro_batch_loss, needs_sequence_weights, plan_microbatches, plan_minibatches,
-    sequence_advantages, sequence_weights, token_credit,
+    sequence_advantages, sequence_kl_weights, sequence_weights, token_credit, transform_needs_old_logprobs,
+    transformed_advantages,
 )
 
 
@@ -41,7 +42,7 @@ def recompute_old_logprobs(cfg: Any) -> bool:
     KL-in-reward read ℓ° before the update, so they always get the pass."""
     t, a = cfg.train, cfg.algo
     return (t.old_logprobs == "recompute" or t.updates_per_rollout > 1 or a.credit != "broadcast"
-            or (a.beta > 0 and a.kl_placement == "reward"))
+            or (a.beta > 0 and a.kl_placement == "reward") or transform_needs_old_logprobs(a))
 
 
 def padded_plan(micro: list[torch.Tensor], rows: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
@@ -105,6 +106,9 @@ def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batc
         if a.kl_placement == "reward":  # R_i -= beta * sum_t k1 (SPEC 4)
             batch.rewards = batch.rewards - a.beta * ((batch.old_logp - batch.ref_logp) * resp_mask).sum(1)
     batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
+    batch.seq_adv = transformed_advantages(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp,
+                                           ref_logp=batch.ref_logp)  # [B] ACE (SPEC 11)
+    batch.kl_weight = sequence_kl_weights(batch.seq_adv, sc.correct, counted, batch.group_ids, cfg=a)  # [B] APO or None
     inputs: dict[str, torch.Tensor] = {}
     if credit_needs_step_rewards(a):  # the PRM's step rewards and where each step ends (SPEC 13)
         from grpokit.rewards import process_credit_inputs

@@ -3,7 +3,7 @@
 A variant that edits the batch (reward shaping, filtering rows or groups, rollout surgery) is a transform
 registered here, not a branch in the loop. Every transform has one signature,
 
-    fn(batch: ScoredBatch, *, cfg: Config) -> ScoredBatch
+    fn(batch: ScoredBatch, *, cfg: Config) -> ScoredBatch     (or with `ctx`, the trainer context, as well)
 
 and runs on this rank's rows (whole groups). A transform that drops groups (dynamic sampling) sets the
 attribute `drops_groups = True` on its function; the trainer then assembles the global batch in a rank-invariant order and, when
@@ -11,10 +11,12 @@ too few groups survive, samples another round (`algo.max_gen_batches`).
 
 `build_transforms(cfg)` lists the transforms a config asks for, in order: DAPO overlong shaping
 (`rewards.overlong_buffer > 0`), overlong filtering (`algo.overlong_filter`), dynamic sampling
-(`algo.dynamic_sampling`), then the names in `algo.transforms`.
+(`algo.dynamic_sampling`), then the names in `algo.transforms`, sorted by each function's `order` attribute
+(SPEC 11's DOT, truncation penalty and GRPO-λ run before dynamic sampling; see `transforms.catalogue`).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -77,8 +79,14 @@ def dynamic_sampling(batch: ScoredBatch, *, cfg: Any) -> ScoredBatch:
 dynamic_sampling.drops_groups = True  # type: ignore[attr-defined]  # the trainer samples more rounds after it
 
 
+#: Where a transform runs when it has no `order` attribute: after the built-in ones (see `build_transforms`).
+DEFAULT_ORDER = 100
+
+
 def build_transforms(cfg: Any) -> list[tuple[str, Transform]]:
-    """(name, fn) of every transform `cfg` asks for, in the order they run."""
+    """(name, fn) of every transform `cfg` asks for, in the order they run: by each function's `order`
+    attribute (overlong shaping 10, overlong filtering 40, dynamic sampling 50, others DEFAULT_ORDER unless
+    they set one, as SPEC 11's DOT, truncation penalty and GRPO-λ do), then as listed."""
     names: list[str] = []
     if cfg.rewards.overlong_buffer > 0:
         names.append("overlong_shaping")
@@ -87,14 +95,28 @@ def build_transforms(cfg: Any) -> list[tuple[str, Transform]]:
     if cfg.algo.dynamic_sampling:
         names.append("dynamic_sampling")
     names += [n for n in cfg.algo.transforms if n not in names]
-    return [(n, TRANSFORMS.get(n)) for n in names]
+    chosen = [(n, TRANSFORMS.get(n)) for n in names]
+    return sorted(chosen, key=lambda nf: getattr(nf[1], "order", DEFAULT_ORDER))  # stable: ties keep list order
 
 
-def apply_transforms(batch: ScoredBatch, transforms: list[tuple[str, Transform]], *, cfg: Any) -> ScoredBatch:
+def apply_transforms(batch: ScoredBatch, transforms: list[tuple[str, Transform]], *, cfg: Any, ctx: Any = None) -> ScoredBatch:
+    """Run `transforms` in order. `ctx` (the trainer context) goes to the transforms that declare it (DOT
+    re-scores with the trainer's scorer and tokenizer)."""
     for _, fn in transforms:
-        batch = fn(batch, cfg=cfg)
+        batch = fn(batch, cfg=cfg, ctx=ctx) if "ctx" in inspect.signature(fn).parameters else fn(batch, cfg=cfg)
     return batch
 
 
-__all__ = ["TRANSFORMS", "ScoredBatch", "Scores", "apply_transforms", "build_transforms", "concat_rollouts",
+overlong_shaping.order = 10  # type: ignore[attr-defined]
+overlong_filter.order = 40  # type: ignore[attr-defined]
+dynamic_sampling.order = 50  # type: ignore[attr-defined]
+
+from grpokit.transforms import catalogue as _catalogue  # noqa: E402  (SPEC 11's transforms)
+
+TRANSFORMS.register("dot")(_catalogue.dot)
+TRANSFORMS.register("truncation_penalty")(_catalogue.truncation_penalty)
+TRANSFORMS.register("grpo_lambda")(_catalogue.grpo_lambda)
+
+
+__all__ = ["DEFAULT_ORDER", "TRANSFORMS", "ScoredBatch", "Scores", "apply_transforms", "build_transforms", "concat_rollouts",
            "dynamic_sampling", "group_metric", "overlong_filter", "overlong_shaping"]

@@ -12,8 +12,10 @@ EXPECTED = {
     "credit": ["broadcast", "frpo", "process"],
     "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
-    "kl": ["k1", "k2", "k3"],
+    "kl": ["forward_kl", "k1", "k2", "k3"],
     "seq_weight": ["adv_orthogonal", "min_replace", "none"],
+    "adv_transform": ["ace", "none"],
+    "kl_weight": ["apo", "constant"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -22,8 +24,11 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "aggregation": {"num_tokens", "num_seqs", "norm_const"},
     "kl": set(),
     "seq_weight": set(),
+    "adv_transform": {"old_logp", "ref_logp", "alpha"},
+    "kl_weight": {"beta", "e"},
 }
-POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3}
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3,
+              "adv_transform": 2, "kl_weight": 4}
 
 
 def test_registries_and_exports():
