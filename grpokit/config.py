@@ -395,7 +395,8 @@ def validate(cfg: Config) -> list[str]:
         raise ConfigError("model.ref_quantization needs full fine-tuning: with LoRA the reference is the policy with its adapters off (no copy to quantize); set model.ref_quantization = 'none'")
     if cfg.model.ref_quant_group_size < 2 or cfg.model.ref_quant_group_size % 2:
         raise ConfigError(f"model.ref_quant_group_size must be even and >= 2, got {cfg.model.ref_quant_group_size}")
-    if r.group_size < 2 and a.advantage in {"grpo", "dr_grpo", "rloo", "batch_std"}:
+    pure_opd = a.distill == "gopd" and a.gopd_outcome_weight == 0  # G-OPD's dense reward needs no group
+    if r.group_size < 2 and a.advantage in {"grpo", "dr_grpo", "rloo", "batch_std"} and not pure_opd:
         raise ConfigError(
             f"rollout.group_size = {r.group_size} gives every group a single member, so the group-relative "
             f"advantage '{a.advantage}' is 0 everywhere and nothing trains; set rollout.group_size >= 2"

@@ -23,16 +23,16 @@ def needs_reference(cfg: AlgoConfig) -> bool:
 
 
 def _specials(tok: Any) -> dict[str, Any]:
-    """The special tokens that decide what a sequence means: every named special token with its id (the pad
-    token left out: padded positions are masked and never scored, and grpokit sets pad = EOS where a
-    checkpoint names none) and the additional special tokens."""
+    """The named special tokens with their ids: BOS, EOS (which ends every response, so both models must
+    score the same id), UNK, SEP, CLS, MASK. Left out: the pad token (padded positions are masked and never
+    scored, and grpokit sets pad = EOS where a checkpoint names none) and the list of additional special
+    tokens (it only changes decoding, and conversions such as GGUF drop it; their ids are in the vocabulary,
+    which is compared in full)."""
     out: dict[str, Any] = {}
     for name in ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
         token = getattr(tok, name, None)
         if token is not None:
             out[name] = (str(token), tok.convert_tokens_to_ids(str(token)))
-    extra = getattr(tok, "additional_special_tokens", None) or []
-    out["additional_special_tokens"] = sorted((str(t), tok.convert_tokens_to_ids(str(t))) for t in extra)
     return out
 
 
