@@ -178,3 +178,25 @@ def test_distill_config_checks() -> None:
     assert load_config(None, ["algo.distill=gopd", "model.teacher=t", "rollout.group_size=1"]).rollout.group_size == 1
     with pytest.raises(ConfigError, match="rollout.group_size = 1"):
         load_config(None, ["algo.distill=gopd", "model.teacher=t", "rollout.group_size=1", "algo.gopd_outcome_weight=1"])
+
+
+def test_teacher_can_be_held_quantized(tmp_path: Path) -> None:
+    """model.teacher_quantization uses the reference's quantizer: every linear layer but the head is held
+    int8, frozen, and scores close to the full-precision teacher (measured on this random tiny model:
+    mean |Δ log-prob| 0.020 nats, max 0.13; the bound leaves 2.5x)."""
+    from grpokit.models import make_tiny, save_tiny
+    from grpokit.train.teacher import load_teacher
+
+    save_tiny(tmp_path / "t", seed=3)
+    _, tok = make_tiny(seed=0)
+    ids = torch.randint(6, 100, (4, 30), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for q in ("none", "int8"):
+        cfg = load_config(None, ["algo.distill=kdrl", f"model.teacher={tmp_path / 't'}", f"model.teacher_quantization={q}"])
+        teacher = load_teacher(cfg, tok, "cpu")
+        assert all(not p.requires_grad for p in teacher.parameters())
+        out[q] = (teacher, teacher(ids).logits.log_softmax(-1).detach())
+    n_quant = sum(type(m).__name__ == "WeightOnlyLinear" for m in out["int8"][0].modules())
+    assert n_quant == 21  # 3 layers x (q, k, v, o, gate, up, down)
+    diff = (out["int8"][1] - out["none"][1]).abs()
+    assert 0 < float(diff.mean()) < 0.05
