@@ -200,3 +200,26 @@ def test_teacher_can_be_held_quantized(tmp_path: Path) -> None:
     assert n_quant == 21  # 3 layers x (q, k, v, o, gate, up, down)
     diff = (out["int8"][1] - out["none"][1]).abs()
     assert 0 < float(diff.mean()) < 0.05
+
+
+@pytest.mark.slow  # about 20 s on 2 cores
+def test_on_policy_distillation_pulls_the_student_to_the_teacher(tmp_path: Path) -> None:
+    """Pure OPD (G-OPD, lambda = 1, no outcome advantage) from a differently seeded random tiny teacher: the
+    reverse KL to the teacher (distill/kl_teacher) falls within 4 steps. Measured (train.seed 0, 1, 2): the
+    mean of steps 3-4 is 0.50, 0.67, 0.67 of step 1; GRPO alone (KDRL with beta 0) drifts away instead
+    (seed 0: 1.21 -> 1.34 at step 5, 3.9 at step 15)."""
+    from grpokit.models import save_tiny
+    from grpokit.train.loop import train
+
+    save_tiny(tmp_path / "student", seed=0)
+    save_tiny(tmp_path / "teacher", seed=1)
+    over = {"model.name": str(tmp_path / "student"), "model.teacher": str(tmp_path / "teacher"), "model.precision": "fp32",
+            "data.task": "copy2", "data.heldout_size": 0, "train.final_eval": False, "rollout.prompts_per_step": 8,
+            "rollout.group_size": 4, "rollout.max_new_tokens": 8, "train.steps": 4, "train.micro_batch_size": 32,
+            "train.lr": 3e-3, "train.progress": False, "train.report": False, "train.tensorboard": False,
+            "rewards.functions": ["copy2_digits"], "train.seed": 0, "train.run_dir": str(tmp_path / "run"),
+            "algo.distill": "gopd", "algo.gopd_lambda": 1.0}
+    train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["distill/kl_teacher"] for r in rows]
+    assert (kl[2] + kl[3]) / 2 < 0.8 * kl[0], kl
