@@ -26,8 +26,8 @@ def _specials(tok: Any) -> dict[str, Any]:
     """The named special tokens with their ids: BOS, EOS (which ends every response, so both models must
     score the same id), UNK, SEP, CLS, MASK. Left out: the pad token (padded positions are masked and never
     scored, and grpokit sets pad = EOS where a checkpoint names none) and the list of additional special
-    tokens (it only changes decoding, and the built-in SmolLM2, converted from GGUF, lists none; their ids are in the vocabulary,
-    which is compared in full)."""
+    tokens (it only changes decoding, and the built-in SmolLM2, converted from GGUF, lists none; their ids
+    are in the vocabulary, which is compared in full)."""
     out: dict[str, Any] = {}
     for name in ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
         token = getattr(tok, name, None)
