@@ -7,6 +7,7 @@ extension points; `grpokit list` prints REGISTRIES with each entry's first docst
 from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
+from grpokit.algo.distill import DISTILL
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
 from grpokit.algo import process as _process  # noqa: F401  (registers credit 'process', SPEC 13)
@@ -19,6 +20,7 @@ REGISTRIES: dict[str, Registry] = {
     "aggregation": AGGREGATIONS,
     "kl": KL,
     "seq_weight": SEQ_WEIGHTS,
+    "distill": DISTILL,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "DISTILL", "REGISTRIES", "Registry"]
