@@ -40,6 +40,8 @@ class ModelConfig:
     ref_quantization: str = doc("Hold the frozen KL reference (algo.beta > 0, full fine-tuning) weight-only quantized: 'none', 'int8' (per output channel) or 'int4' (group-wise). benchmarks/README.md has its measured log-prob and k3 error.", "none")
     ref_quant_group_size: int = doc("Input features per int4 scale/offset of the quantized reference (even).", 64)
     ref_quant_embeddings: bool = doc("Also quantize the reference's input embedding and output head (default: full precision).", False)
+    teacher: str = doc("Teacher model of algo.distill (KDRL, G-OPD): a local HF directory or a hub id whose tokenizer is the policy's (checked at start-up). Loaded like the reference: a frozen full copy on every rank, scored without grad under model.precision ('' = none).", "")
+    teacher_quantization: str = doc("Hold the teacher weight-only quantized, as model.ref_quantization does the reference: 'none', 'int8' or 'int4' (group size and embeddings as model.ref_quant_group_size / ref_quant_embeddings).", "none")
 
 
 @dataclass
@@ -114,6 +116,13 @@ class AlgoConfig:
     overlong_filter: bool = doc("DAPO overlong filtering: truncated responses are masked out of the loss.", False)
     dynamic_sampling_metric: str = doc("What dynamic sampling compares within a group: 'acc' (task correctness, as DAPO and verl's filter_groups.metric=acc) or 'reward' (the shaped total).", "acc")
     transforms: list[str] = doc("Extra batch transforms (`grpokit list transform`): SPEC 11's 'dot', 'truncation_penalty' and 'grpo_lambda' run before dynamic sampling (their papers' order), others after overlong shaping/filtering and dynamic sampling.", factory=list)
+    distill: str = doc("Distillation inside RL from model.teacher (`grpokit list distill`, docs/catalogue.md): 'none', 'kdrl' (+ beta * k2(l, l_teacher) in the loss on failed responses, arXiv 2506.02208) or 'gopd' (G-OPD/ExOPD dense per-token advantage, arXiv 2602.12125).", "none")
+    kdrl_beta_start: float = doc("KDRL: coefficient of the teacher k2 term at the first step (the paper's 5e-3).", 5e-3)
+    kdrl_beta_end: float = doc("KDRL: coefficient at the last annealing step (the paper's 1e-3); linear in between.", 1e-3)
+    kdrl_anneal_steps: int = doc("KDRL: RL steps over which the coefficient anneals from start to end, then held (0 = train.steps).", 0)
+    kdrl_responses: str = doc("KDRL: which responses get the teacher term, 'failed' (task correctness reward below 1: the paper's reward-guided masking) or 'all'.", "failed")
+    gopd_lambda: float = doc("G-OPD reward scaling factor lambda: 1.0 = standard on-policy distillation, 1.25 = ExOPD (reward extrapolation). lambda != 1 reads the reference model's log-probs, which is then loaded even with algo.beta = 0.", 1.25)
+    gopd_outcome_weight: float = doc("G-OPD: weight w of the outcome advantage added to the dense reward, A = w * A_outcome + r_dense (0 = the paper's pure distillation).", 0.0)
     # ---- SPEC 11, the catalogue (docs/catalogue.md): ACE, GRPO-lambda, DOT, DLER, APO, RAPO
     adv_transform: str = doc("Transform of the group advantages before token credit (`grpokit list adv_transform`): 'none' or 'ace' (arXiv 2602.21420: A_i < 0 scaled by 1 + ace_alpha * softplus(c_i), c_i the rollout's log-ratio to the reference; loads the reference model even with beta = 0).", "none")
     ace_alpha: float = doc("ACE's alpha, the strength of the extra penalty on confident errors.", 1.0)
@@ -318,6 +327,37 @@ def _check_loss_hparams(a: AlgoConfig, losses: Any) -> None:
         raise ConfigError(f"FIPO needs 0 <= algo.fipo_f_low <= algo.fipo_f_high, got {lo} and {hi}")
 
 
+def _check_distill(cfg: Config) -> None:
+    """algo.distill needs a teacher, and its coefficients must be usable numbers (docs/catalogue.md)."""
+    a, m = cfg.algo, cfg.model
+    from grpokit.algo import DISTILL
+
+    if a.distill not in DISTILL:
+        try:
+            DISTILL.get(a.distill)
+        except ValueError as e:
+            raise ConfigError(f"algo.distill: {e}") from None
+    if a.distill != "none" and not m.teacher:
+        raise ConfigError(
+            f"algo.distill = '{a.distill}' distils from a teacher model, but model.teacher is not set; set model.teacher "
+            "to a local model directory or hub id that uses the policy's tokenizer, or set algo.distill = 'none'"
+        )
+    if m.teacher_quantization not in ("none", "int8", "int4"):
+        raise ConfigError(f"model.teacher_quantization = {m.teacher_quantization!r} is not one of none, int8, int4")
+    if a.kdrl_responses not in ("failed", "all"):
+        raise ConfigError(f"algo.kdrl_responses = {a.kdrl_responses!r} is not one of failed, all")
+    for fname in ("kdrl_beta_start", "kdrl_beta_end"):
+        value = getattr(a, fname)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"algo.{fname} must be a number >= 0 (the paper anneals 5e-3 -> 1e-3), got {value}")
+    if a.kdrl_anneal_steps < 0:
+        raise ConfigError(f"algo.kdrl_anneal_steps must be >= 0 (0 = train.steps), got {a.kdrl_anneal_steps}")
+    if not (math.isfinite(a.gopd_lambda) and a.gopd_lambda >= 0):
+        raise ConfigError(f"algo.gopd_lambda must be a number >= 0 (1.0 = standard OPD, 1.25 = ExOPD), got {a.gopd_lambda}")
+    if not math.isfinite(a.gopd_outcome_weight):
+        raise ConfigError(f"algo.gopd_outcome_weight must be a finite number, got {a.gopd_outcome_weight}")
+
+
 def _check_catalogue(cfg: Config) -> None:
     """SPEC 11's options (docs/catalogue.md): names, ranges and the combinations they need."""
     a, r = cfg.algo, cfg.rollout
@@ -400,7 +440,8 @@ def validate(cfg: Config) -> list[str]:
         raise ConfigError("model.ref_quantization needs full fine-tuning: with LoRA the reference is the policy with its adapters off (no copy to quantize); set model.ref_quantization = 'none'")
     if cfg.model.ref_quant_group_size < 2 or cfg.model.ref_quant_group_size % 2:
         raise ConfigError(f"model.ref_quant_group_size must be even and >= 2, got {cfg.model.ref_quant_group_size}")
-    if r.group_size < 2 and a.advantage in {"grpo", "dr_grpo", "rloo", "batch_std"}:
+    pure_opd = a.distill == "gopd" and a.gopd_outcome_weight == 0  # G-OPD's dense reward needs no group
+    if r.group_size < 2 and a.advantage in {"grpo", "dr_grpo", "rloo", "batch_std"} and not pure_opd:
         raise ConfigError(
             f"rollout.group_size = {r.group_size} gives every group a single member, so the group-relative "
             f"advantage '{a.advantage}' is 0 everywhere and nothing trains; set rollout.group_size >= 2"
@@ -410,6 +451,7 @@ def validate(cfg: Config) -> list[str]:
     if a.credit == "frpo" and a.beta <= 0:
         raise ConfigError("algo.credit = 'frpo' needs algo.beta > 0 (the paper uses 0.01)")
     _check_loss_hparams(a, LOSSES)
+    _check_distill(cfg)
     _check_catalogue(cfg)
     if a.kl_source == "current" and a.kl_placement != "advantage":
         raise ConfigError(
@@ -474,6 +516,11 @@ def validate(cfg: Config) -> list[str]:
             "algo.loss = 'fipo' with train.updates_per_rollout = 1: the policy equals the sampling policy in "
             "the only update, so every FIPO weight is exactly 1 and FIPO reduces to DAPO; set "
             "train.updates_per_rollout >= 2 (the paper uses 8)"
+        )
+    if cfg.model.teacher and a.distill == "none":
+        notes.append(
+            f"model.teacher = '{cfg.model.teacher}' is set but algo.distill = 'none', so no teacher is loaded; set "
+            "algo.distill = 'kdrl' or 'gopd' to distil from it, or remove model.teacher"
         )
     for n in notes:
         warnings.warn(n, UserWarning, stacklevel=2)

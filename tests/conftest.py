@@ -31,3 +31,20 @@ def warm_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(warm_tiny: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A distillation teacher for the warm tiny model: its weights plus seeded noise (std 0.05), the same
+    tokenizer, saved as safetensors; so ℓ_T ≠ ℓ while the vocabularies agree."""
+    from grpokit.models import load_model
+
+    model, tok = load_model(warm_tiny)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)

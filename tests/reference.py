@@ -483,6 +483,48 @@ def quantize_int4_loop(weight: torch.Tensor, group_size: int) -> dict[str, torch
     return {"qweight": qweight, "scale": scale, "offset": offset}
 
 
+# ---- section 11 (catalogue): KDRL, G-OPD
+# docs/catalogue.md: KDRL (arXiv 2506.02208) and G-OPD / ExOPD (arXiv 2602.12125), token by token.
+
+
+def kdrl_beta(step: int, *, beta_start: float, beta_end: float, steps: int) -> float:
+    """β_s = β_start + (β_end − β_start)·clamp((s − 1)/(S − 1), 0, 1); S ≤ 1: β_start."""
+    if steps <= 1:
+        return beta_start
+    return beta_start + (beta_end - beta_start) * _clamp((step - 1) / (steps - 1), 0.0, 1.0)
+
+
+def kdrl_term(logp, teacher_logp, mask, correct, *, beta: float, only_failed: bool = True) -> torch.Tensor:
+    """per_tok[i,t] = c_i · ½(ℓ − ℓ_T)² on real tokens, c_i = β if response i failed (or every row), else 0."""
+    lp, tl, m, ok = logp.tolist(), teacher_logp.tolist(), mask.tolist(), correct.tolist()
+    b = len(m)
+    t = len(m[0]) if b else 0
+    out = [[0.0] * t for _ in range(b)]
+    for i in range(b):
+        c = beta if (not ok[i] or not only_failed) else 0.0
+        for tt in range(t):
+            if m[i][tt]:
+                out[i][tt] = c * 0.5 * (lp[i][tt] - tl[i][tt]) ** 2
+    return torch.tensor(out, dtype=torch.float64).reshape(b, t)
+
+
+def gopd_advantage(teacher_logp, old_logp, ref_logp, adv, mask, *, lam: float, outcome_weight: float) -> torch.Tensor:
+    """A[i,t] = w·A_outcome[i,t] + λ(ℓ_T − ℓʳ) − (ℓ° − ℓʳ) on real tokens (the paper's first form), 0 elsewhere."""
+    tl, ol, a, m = teacher_logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    rl = ref_logp.tolist() if ref_logp is not None else None
+    b = len(m)
+    t = len(m[0]) if b else 0
+    out = [[0.0] * t for _ in range(b)]
+    for i in range(b):
+        for tt in range(t):
+            if not m[i][tt]:
+                continue
+            r_ref = rl[i][tt] if rl is not None else 0.0  # λ = 1: ℓʳ cancels
+            reward = lam * (tl[i][tt] - r_ref) - (ol[i][tt] - r_ref)
+            out[i][tt] = outcome_weight * a[i][tt] + reward
+    return torch.tensor(out, dtype=torch.float64).reshape(b, t)
+
+
 # ---- section 11 (catalogue): ACE, GRPO-lambda, DOT, DLER, APO, RAPO
 # Each transcribes docs/catalogue.md line by line with Python floats; ties and edge cases are spelled out.
 

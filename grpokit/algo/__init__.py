@@ -8,6 +8,7 @@ from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
 from grpokit.algo.catalogue import ADV_TRANSFORMS, KL_WEIGHTS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
+from grpokit.algo.distill import DISTILL
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
 from grpokit.algo import process as _process  # noqa: F401  (registers credit 'process', SPEC 13)
@@ -20,8 +21,10 @@ REGISTRIES: dict[str, Registry] = {
     "aggregation": AGGREGATIONS,
     "kl": KL,
     "seq_weight": SEQ_WEIGHTS,
+    "distill": DISTILL,
     "adv_transform": ADV_TRANSFORMS,
     "kl_weight": KL_WEIGHTS,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "ADV_TRANSFORMS", "KL_WEIGHTS", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "DISTILL", "ADV_TRANSFORMS", "KL_WEIGHTS",
+           "REGISTRIES", "Registry"]

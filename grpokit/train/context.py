@@ -15,7 +15,6 @@ from grpokit import dist
 from grpokit.config import Config, ConfigError, save_config
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.metrics import MetricsLogger
-from grpokit.train.step import needs_reference
 
 
 class TrainingStopped(RuntimeError):
@@ -65,6 +64,7 @@ class Context:
     unsharded: torch.nn.Module | None = None  # FSDP2: an unsharded copy of the policy (the hf engine samples it)
     logger: MetricsLogger | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    teacher: Any = None             # model.teacher, frozen (algo.distill), or None
 
 
 def build_scorer(cfg: Config, reward_funcs: Sequence[Any] | None = None) -> Any:
@@ -123,6 +123,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
     from grpokit.data import get_task
     from grpokit.models import autocast_context, load_model, quantized_ref_model, ref_model
     from grpokit.rollout.engine import build_engine
+    from grpokit.train.teacher import load_teacher, needs_reference
     from grpokit.transforms import build_transforms
 
     device = pick_device(cfg.train.device)
@@ -158,10 +159,11 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
         from grpokit.models import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    if needs_reference(cfg.algo):  # beta = 0 never loads a reference model (SPEC 4), unless ACE reads it (SPEC 11)
+    if needs_reference(cfg.algo):  # beta = 0 never loads a reference model (SPEC 4), unless G-OPD or ACE reads it
         m = cfg.model
         ref = AdapterOff(model) if m.lora_r > 0 else quantized_ref_model(
             model, m.ref_quantization, group_size=m.ref_quant_group_size, embeddings=m.ref_quant_embeddings).to(device)
+    teacher = load_teacher(cfg, tokenizer, device) if cfg.algo.distill != "none" else None  # like the reference
     shard = cfg.dist.strategy == "fsdp2" and dist.is_distributed()
     # FSDP2 shards the trained module in place: the engine then runs an unsharded copy, made before sharding
     # and re-synced after every optimizer step (and after a restore)
@@ -180,7 +182,7 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
         scorer=build_scorer(cfg, reward_funcs), engine=engine, transforms=build_transforms(cfg),
         optimizer=optimizer, scheduler=scheduler, data_rng=random.Random(cfg.train.seed),
         autocast=autocast_context(device, cfg.model.precision), unsharded=rollout_model if shard else None,
-        state={"step": 0, "nonfinite_streak": 0, "nonfinite_total": 0},
+        state={"step": 0, "nonfinite_streak": 0, "nonfinite_total": 0}, teacher=teacher,
     )
     if resume:
         restore(ctx, resume)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from grpokit.algo import ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS
+from grpokit.algo import ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, DISTILL, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS
 from grpokit.algo.constants import LOG_RATIO_CLAMP
 from grpokit.algo.credit import cancellation_residual
 from grpokit.algo.masked import to_f32
@@ -37,6 +37,8 @@ class Batch:
     ref_logp: torch.Tensor | None  # [B, T] f32 or None when beta = 0
     entropy: torch.Tensor          # [B, T] f32, of the sampling policy (metrics only)
     seq_weight: torch.Tensor | None = None  # [B] f32 stop-gradient sequence weights (algo.seq_weight), or None
+    teacher_logp: torch.Tensor | None = None  # [B, T] f32 ℓ_T of model.teacher (algo.distill), or None
+    distill_coef: torch.Tensor | None = None  # [B] f32 KDRL's per-row coefficient (annealed beta, 0 = untouched)
     kl_weight: torch.Tensor | None = None  # [B] f32 per-sequence KL-in-loss weight (algo.kl_weight, SPEC 11), or None = beta
 
     def select(self, idx: torch.Tensor) -> "Batch":
@@ -49,7 +51,7 @@ class Batch:
         p_first = int(sub["attention_mask"][:, :P].any(0).float().argmax().item()) if P else 0
         sub["input_ids"] = sub["input_ids"][:, p_first : P + t_used]  # [b, P'+T']
         sub["attention_mask"] = sub["attention_mask"][:, p_first : P + t_used]  # [b, P'+T']
-        for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy"):
+        for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy", "teacher_logp"):
             if sub[name] is not None:
                 sub[name] = sub[name][:, :t_used]  # [b, T']
         return Batch(**sub)
@@ -266,7 +268,14 @@ def micro_batch_loss(
         )
     if batch.seq_weight is not None:
         hp["seq_ratio"] = batch.seq_weight  # [b]
+    distill_tok = None
+    if batch.teacher_logp is not None:  # algo.distill: G-OPD's dense advantage, KDRL's teacher term (docs/catalogue.md)
+        token_adv, distill_tok = DISTILL.call(
+            cfg.distill, logp, batch.teacher_logp, token_adv, mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
+            row_coef=batch.distill_coef, lam=cfg.gopd_lambda, outcome_weight=cfg.gopd_outcome_weight)  # [b, T'] x 2
     per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
+    if distill_tok is not None:
+        per_tok = per_tok + distill_tok  # [b, T'], 0 off mask
     if cfg.beta > 0 and cfg.kl_placement == "loss":
         kl = KL.call(cfg.kl_estimator, logp, batch.ref_logp)  # [b, T']
         beta = cfg.beta if batch.kl_weight is None else batch.kl_weight[:, None]  # [] or [b, 1] (APO, SPEC 11)
@@ -279,6 +288,9 @@ def micro_batch_loss(
     stats.add("ppo_kl", batch.old_logp - logp, fm)
     if batch.ref_logp is not None:
         stats.add("kl_ref", KL.call("k3", logp, batch.ref_logp), fm)
+    if distill_tok is not None:  # reverse KL to the teacher (k3) and the distillation term's mean per token
+        stats.add("distill/kl_teacher", KL.call("k3", logp, batch.teacher_logp), fm)
+        stats.add("distill/loss_term", distill_tok, fm)
     for key, name in CLIP_STATS.items():
         stats.add(name, s[key].float(), fm)
     fipo_keys = [k for k in s if k.startswith("fipo_")]
@@ -300,10 +312,10 @@ def micro_batch_loss(
 
 # ---------------------------------------------------------------------------- SPEC 11, the catalogue
 
-def needs_reference(cfg: AlgoConfig) -> bool:
-    """Whether the trainer loads the reference model: a KL to it (beta > 0), or an advantage transform that
-    reads its log-probs (ACE). Otherwise none is loaded and no reference pass runs (SPEC 4)."""
-    return cfg.beta > 0 or "ref_logp" in (ADV_TRANSFORMS.accepts(cfg.adv_transform) or ())
+def transform_needs_reference(cfg: AlgoConfig) -> bool:
+    """Whether the advantage transform reads the reference log-probs (ACE's c_i): the reference model is then
+    loaded even with beta = 0 (`grpokit.train.teacher.needs_reference`)."""
+    return "ref_logp" in (ADV_TRANSFORMS.accepts(cfg.adv_transform) or ())
 
 
 def transform_needs_old_logprobs(cfg: AlgoConfig) -> bool:

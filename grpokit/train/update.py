@@ -105,6 +105,11 @@ def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batc
         batch.ref_logp, _ = logprob_pass(ctx, ctx.ref, batch, micro)
         if a.kl_placement == "reward":  # R_i -= beta * sum_t k1 (SPEC 4)
             batch.rewards = batch.rewards - a.beta * ((batch.old_logp - batch.ref_logp) * resp_mask).sum(1)
+    if ctx.teacher is not None:  # ℓ_T, the fourth stream (algo.distill), and KDRL's per-row coefficient
+        from grpokit.train.teacher import distill_row_coef
+
+        batch.teacher_logp, _ = logprob_pass(ctx, ctx.teacher, batch, micro)
+        batch.distill_coef = distill_row_coef(ctx.cfg, step=ctx.state["step"], correct=sc.correct)  # [B]
     batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
     batch.seq_adv = transformed_advantages(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp,
                                            ref_logp=batch.ref_logp)  # [B] ACE (SPEC 11)

@@ -14,6 +14,7 @@ EXPECTED = {
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["forward_kl", "k1", "k2", "k3"],
     "seq_weight": ["adv_orthogonal", "min_replace", "none"],
+    "distill": ["gopd", "kdrl", "none"],
     "adv_transform": ["ace", "none"],
     "kl_weight": ["apo", "constant"],
 }
@@ -24,10 +25,11 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "aggregation": {"num_tokens", "num_seqs", "norm_const"},
     "kl": set(),
     "seq_weight": set(),
+    "distill": set(),
     "adv_transform": {"old_logp", "ref_logp", "alpha"},
     "kl_weight": {"beta", "e"},
 }
-POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3,
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3, "distill": 4,
               "adv_transform": 2, "kl_weight": 4}
 
 

@@ -14,7 +14,8 @@ import torch
 import reference as ref
 from grpokit.algo import KL
 from grpokit.config import AlgoConfig, ConfigError, load_config
-from grpokit.train.step import StatSums, micro_batch_loss, needs_reference, sequence_advantages
+from grpokit.train.step import StatSums, micro_batch_loss, sequence_advantages
+from grpokit.train.teacher import needs_reference
 from test_loop import tiny_overrides
 from test_step import make_step_batch
 

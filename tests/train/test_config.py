@@ -101,6 +101,8 @@ PAPER_LOSS_HPARAMS = {
     "frpo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
     "grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
     "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip_c": None},
+    "kdrl": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO's PPO clip under the teacher term
+    "gopd": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # verl's defaults in the official script
     # SPEC 11, the catalogue (docs/catalogue.md)
     "ace": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},  # ACE on DAPO's clip-higher
     "apo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO's

@@ -83,9 +83,11 @@ def test_seeded_grpo_raises_heldout_accuracy(warm_tiny: str, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_runs_one_step(recipe: Path, warm_tiny: str, tmp_path: Path) -> None:
+def test_every_recipe_runs_one_step(recipe: Path, warm_tiny: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     run = tmp_path / "run"
     extra = {"train.steps": 1, "data.heldout_size": 0, "train.final_eval": False}
+    if "teacher" in recipe.read_text():  # distillation recipes: a perturbed tiny teacher with the policy's tokenizer
+        extra["model.teacher"] = request.getfixturevalue("tiny_teacher")
     if "overlong_buffer" in recipe.read_text():
         extra["rewards.overlong_buffer"] = 2
     with warnings.catch_warnings():
