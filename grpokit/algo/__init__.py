@@ -6,6 +6,7 @@ extension points; `grpokit list` prints REGISTRIES with each entry's first docst
 """
 from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
+from grpokit.algo.correction import CORRECTIONS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
@@ -19,6 +20,7 @@ REGISTRIES: dict[str, Registry] = {
     "aggregation": AGGREGATIONS,
     "kl": KL,
     "seq_weight": SEQ_WEIGHTS,
+    "correction": CORRECTIONS,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry", "CORRECTIONS"]

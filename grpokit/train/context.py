@@ -167,7 +167,8 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
     rollout_model = ref_model(model) if shard else model
     wrapped = dist.wrap(model, cfg.dist.strategy, device)
     engine = build_engine(cfg.rollout.engine, rollout_model, tokenizer, device=device,
-                          precision=cfg.model.precision, shares_weights=not shard)
+                          precision=cfg.model.precision if cfg.rollout.precision == "same" else cfg.rollout.precision,
+                          shares_weights=not shard)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay, foreach=False)

@@ -37,6 +37,8 @@ class Batch:
     ref_logp: torch.Tensor | None  # [B, T] f32 or None when beta = 0
     entropy: torch.Tensor          # [B, T] f32, of the sampling policy (metrics only)
     seq_weight: torch.Tensor | None = None  # [B] f32 stop-gradient sequence weights (algo.seq_weight), or None
+    rollout_logp: torch.Tensor | None = None  # [B, T] f32 μ, the engine's log-probs (rollout correction, SPEC 12), or None
+    is_weight: torch.Tensor | None = None  # [B, T] f32 stop-gradient rollout-correction weight w (SPEC 12), or None
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows `idx`, with columns trimmed to what those rows use (all-pad prompt columns, tail)."""
@@ -49,6 +51,9 @@ class Batch:
         sub["input_ids"] = sub["input_ids"][:, p_first : P + t_used]  # [b, P'+T']
         sub["attention_mask"] = sub["attention_mask"][:, p_first : P + t_used]  # [b, P'+T']
         for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy"):
+            if sub[name] is not None:
+                sub[name] = sub[name][:, :t_used]  # [b, T']
+        for name in ("rollout_logp", "is_weight"):  # rollout correction (SPEC 12)
             if sub[name] is not None:
                 sub[name] = sub[name][:, :t_used]  # [b, T']
         return Batch(**sub)
@@ -266,6 +271,8 @@ def micro_batch_loss(
     if batch.seq_weight is not None:
         hp["seq_ratio"] = batch.seq_weight  # [b]
     per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
+    if batch.is_weight is not None:  # rollout correction (SPEC 12): stop-gradient w on the policy term; N_tok unchanged
+        per_tok = per_tok * batch.is_weight.detach().to(per_tok.dtype)  # [b, T']
     if cfg.beta > 0 and cfg.kl_placement == "loss":
         kl = KL.call(cfg.kl_estimator, logp, batch.ref_logp)  # [b, T']
         per_tok = per_tok + cfg.beta * kl * mask

@@ -14,6 +14,7 @@ EXPECTED = {
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["k1", "k2", "k3"],
     "seq_weight": ["adv_orthogonal", "min_replace", "none"],
+    "correction": ["geo_mask", "seq_mask", "seq_tis", "token_mask", "token_tis"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -22,8 +23,9 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "aggregation": {"num_tokens", "num_seqs", "norm_const"},
     "kl": set(),
     "seq_weight": set(),
+    "correction": {"low", "high"},
 }
-POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3}
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3, "correction": 2}
 
 
 def test_registries_and_exports():
