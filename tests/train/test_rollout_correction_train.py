@@ -48,7 +48,8 @@ def test_bf16_sampler_shows_mismatch_and_auto_turns_token_tis_on(tmp_path: Path)
 def test_bf16_sampler_with_a_tight_token_mask_masks_tokens(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(cfg_for(run, **{"rollout.precision": "bf16", "rollout.correction": "token_mask",
-                          "rollout.correction_low": 0.999, "rollout.correction_high": 1.001, "train.steps": 1}))
+                          "rollout.correction_low": 0.999, "rollout.correction_high": 1.001, "train.steps": 1,
+                          "train.updates_per_rollout": 2}))  # the recomputed-ℓ° path (the test above: ℓ° from the update)
     (r,) = metrics(run)
     assert 0 < r["correction/masked_tokens"] <= 1 and r["correction/masked_seqs"] > 0
     assert r["correction/weight/min"] == 0.0 and r["correction/truncated_tokens"] == 0
