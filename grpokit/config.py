@@ -64,6 +64,7 @@ class RolloutConfig:
     precision: str = doc("The engine's compute precision: 'same' (model.precision), 'auto', 'bf16' or 'fp32'. A sampler in bf16 under an fp32 trainer reports log-probs μ that differ from the trainer's ℓ° (SPEC 12).", "same")
     correction: str = doc("Rollout correction (SPEC 12): 'auto' (token_tis where the engine's log-probs can differ from the trainer's: the vLLM engines, hf sampling in bf16; 'none' for hf in fp32), 'none', 'bypass' (no ℓ° pass: ratio exp(ℓ − μ)) or a decoupled mode of `grpokit list correction`: token_tis, seq_tis, token_mask, seq_mask, geo_mask.", "auto")
     correction_low: float | None = doc("Lower ratio bound of the mask modes (unset: 1/correction_high; geo_mask 0.99).", None)
+    async_rollouts: bool = doc("Asynchronous rollouts (SPEC 12): generate step k+1's batch in a background thread while step k's update runs (one process; the engine samples its own copy of the policy, one update old: staleness 1). The rollout correction ('auto': token_tis) covers the lag; resume regenerates the in-flight batch exactly.", False)
     correction_high: float | None = doc("C of the TIS modes (token_tis 2, seq_tis 3) or upper ratio bound of the mask modes (token_mask 2, seq_mask 3, geo_mask 1.01); unset: the mode's own.", None)
 
 

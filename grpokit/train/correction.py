@@ -9,6 +9,7 @@ Three log-prob streams: μ (the engine's, `Rollout.logprobs`), ℓ° (the traine
 - 'bypass': no ℓ° pass at all, ℓ° := μ (ratio exp(ℓ − μ)); also skips the recomputation that
   train.updates_per_rollout > 1 or a credit reading ℓ° would otherwise need.
 
+With rollout.async_rollouts, 'auto' is always `AUTO_MODE` (μ lags the trainer by an update). Otherwise
 'auto' resolves per engine: an engine whose log-probs can differ from the trainer's gets `AUTO_MODE`. An
 engine says it reports the trainer's own log-probs with a true `exact_logprobs` attribute (the hf engine
 in fp32); an engine without the attribute (vLLM, a server) is taken as inexact.
@@ -37,6 +38,8 @@ def resolve_mode(cfg: Any, engine: Any) -> str:
     mode = cfg.rollout.correction
     if mode != "auto":
         return mode
+    if cfg.rollout.async_rollouts:  # μ is one update old (grpokit.train.async_rollout)
+        return AUTO_MODE
     return "none" if engine_is_exact(engine) else AUTO_MODE
 
 
