@@ -34,7 +34,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_three_async_steps_train_on_batches_one_update_old(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    loop.train(cfg_for(run, **{"train.steps": 3}))
+    loop.train(cfg_for(run, **{"train.steps": 3, "data.heldout_size": 3, "train.final_eval": True}))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # step 1's batch comes from the initial weights, which the trainer still has: μ = ℓ° to fp32 rounding;
@@ -49,6 +49,8 @@ def test_three_async_steps_train_on_batches_one_update_old(tmp_path: Path) -> No
     final = load_file(str(run / "final" / "model.safetensors"))
     ckpt = load_file(str(run / "checkpoints" / "step_000003" / "sampler.safetensors"))
     assert any(not torch.equal(final[k], ckpt[k]) for k in ckpt if k in final)  # the engine held older weights
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["before"]["n"] == ev["after"]["n"] == 3  # held-out evaluation runs on the idle engine
 
 
 class Stop(Exception):
