@@ -99,13 +99,14 @@ class AsyncRollouts:
                      "time/weight_sync": sync_s}
 
     def checkpoint_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What a checkpoint adds: the prompt generator before the pending draw (JSON) and the engine's
+        """What a checkpoint adds or replaces: the prompt generator before the pending draw (JSON) and the engine's
         weights (the pending batch's). The engine only reads its weights while generating, so this may run
         while the pending collect does."""
         from grpokit.train.checkpoint import _jsonable
 
         state = self.ctx.engine.model.state_dict()
-        return {"async_data_rng": _jsonable(self.rng_before)}, {k: v.detach() for k, v in state.items()}
+        rng = _jsonable(self.rng_before)  # also as data_rng: the live generator may be mid-draw in the worker
+        return {"async_data_rng": rng, "data_rng": rng}, {k: v.detach() for k, v in state.items()}
 
     def close(self) -> None:
         """Wait for a pending collect (its result is dropped) and stop the worker."""
