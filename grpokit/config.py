@@ -63,6 +63,11 @@ class RolloutConfig:
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     stop_strings: list[str] = doc("Strings that end a response (besides EOS).", factory=list)
     engine: str = doc("Rollout engine (`grpokit list engine`): 'hf', the in-process KV-cache sampler.", "hf")
+    precision: str = doc("The engine's compute precision: 'same' (model.precision), 'auto', 'bf16' or 'fp32'. A sampler in bf16 under an fp32 trainer reports log-probs μ that differ from the trainer's ℓ° (SPEC 12).", "same")
+    correction: str = doc("Rollout correction (SPEC 12): 'auto' (token_tis where the engine's log-probs can differ from the trainer's: the vLLM engines, hf sampling in bf16; 'none' for hf in fp32), 'none', 'bypass' (no ℓ° pass: ratio exp(ℓ − μ)) or a decoupled mode of `grpokit list correction`: token_tis, seq_tis, token_mask, seq_mask, geo_mask.", "auto")
+    correction_low: float | None = doc("Lower ratio bound of the mask modes (unset: 1/correction_high; geo_mask 0.99).", None)
+    async_rollouts: bool = doc("Asynchronous rollouts (SPEC 12): generate step k+1's batch in a background thread while step k's update runs (one process; the engine samples its own copy of the policy, one update old: staleness 1). The rollout correction ('auto': token_tis) covers the lag; resume regenerates the in-flight batch exactly.", False)
+    correction_high: float | None = doc("C of the TIS modes (token_tis 2, seq_tis 3) or upper ratio bound of the mask modes (token_mask 2, seq_mask 3, geo_mask 1.01); unset: the mode's own.", None)
 
 
 @dataclass
@@ -393,6 +398,43 @@ def _check_catalogue(cfg: Config) -> None:
         )
 
 
+def _check_correction(cfg: Config) -> None:
+    """rollout.precision and the rollout-correction fields (SPEC 12)."""
+    from grpokit.algo.correction import CORRECTIONS
+
+    r = cfg.rollout
+    if r.precision not in ("same", "auto", "bf16", "fp32"):
+        raise ConfigError(f"rollout.precision = {r.precision!r} is not one of same, auto, bf16, fp32")
+    modes = ("auto", "none", "bypass", *CORRECTIONS.names())
+    if r.correction not in modes:
+        close = difflib.get_close_matches(r.correction, modes, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"rollout.correction = {r.correction!r}{hint} is not one of {', '.join(modes)}")
+    mode = "token_tis" if r.correction == "auto" else r.correction  # auto turns token_tis on or everything off
+    takes = CORRECTIONS.accepts(mode) if mode in CORRECTIONS else frozenset()
+    for fname, kw in (("correction_low", "low"), ("correction_high", "high")):
+        value = getattr(r, fname)
+        if value is None:
+            continue
+        if kw not in takes:
+            raise ConfigError(
+                f"rollout.{fname} has no effect with rollout.correction = '{r.correction}'"
+                + (f" ({mode} takes only {', '.join(sorted(takes))})" if takes else "")
+                + f"; leave it unset or choose a mode that uses it ({', '.join(n for n in CORRECTIONS.names() if kw in CORRECTIONS.accepts(n))})"
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"rollout.{fname} must be a positive ratio, got {value}")
+    lo = r.correction_low if r.correction_low is not None else CORRECTIONS.defaults(mode).get("low") if mode in CORRECTIONS else None
+    hi = r.correction_high if r.correction_high is not None else CORRECTIONS.defaults(mode).get("high") if mode in CORRECTIONS else None
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"rollout.correction = '{mode}' needs correction_low <= correction_high, got {lo} and {hi}")
+    if r.correction == "bypass" and cfg.train.old_logprobs == "recompute":
+        raise ConfigError(
+            "rollout.correction = 'bypass' means no ℓ° pass (ℓ° := μ), but train.old_logprobs = 'recompute' asks for one; "
+            "set train.old_logprobs = 'auto', or use a decoupled mode such as rollout.correction = 'token_tis'"
+        )
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError on impossible combinations; return (and emit) warnings for useless ones."""
     a, r, t = cfg.algo, cfg.rollout, cfg.train
@@ -486,6 +528,7 @@ def validate(cfg: Config) -> list[str]:
             f"rewards.overlong_buffer = {cfg.rewards.overlong_buffer} must be between 1 and rollout.max_new_tokens - 1 "
             f"= {r.max_new_tokens - 1} (DAPO's L_c is a buffer before L_max)"
         )
+    _check_correction(cfg)
     batch = r.prompts_per_step * r.group_size
     if t.updates_per_rollout > batch:
         raise ConfigError(

@@ -612,3 +612,60 @@ def forward_kl(logp, ref_logp) -> torch.Tensor:
             w = math.exp(-d)
             out[i, j] = w * math.log(w) - w + 1.0
     return out
+# ---- section 12: rollout correction
+# d = ℓ° − μ per token; ratios are exp of d (or of its masked sum / mean) with the log clamped to ±20 (SPEC 0).
+# Each twin returns (w, masked, truncated) [B, T]: w = 1, masked = truncated = False outside the mask.
+
+
+def _corr_rows(log_ratio, mask):
+    d, m = log_ratio.tolist(), mask.tolist()
+    return d, m, len(d), (len(d[0]) if d else 0)
+
+
+def rollout_correction(mode: str, log_ratio, mask, *, low=None, high=None):
+    """SPEC 12's five decoupled modes, one row and one token at a time."""
+    defaults = {"token_tis": (None, 2.0), "seq_tis": (None, 3.0), "token_mask": (None, 2.0),
+                "seq_mask": (None, 3.0), "geo_mask": (0.99, 1.01)}[mode]
+    lo = low if low is not None else defaults[0]
+    hi = high if high is not None else defaults[1]
+    if lo is None:
+        lo = 1.0 / hi  # [1/C, C]
+    d, m, b, t = _corr_rows(log_ratio, mask)
+    w = [[1.0] * t for _ in range(b)]
+    masked = [[False] * t for _ in range(b)]
+    trunc = [[False] * t for _ in range(b)]
+    for i in range(b):
+        toks = [tt for tt in range(t) if m[i][tt]]
+        if mode == "token_tis":  # w = min(exp(ℓ° − μ), C)
+            for tt in toks:
+                r = math.exp(_clamp(d[i][tt], -CLAMP, CLAMP))
+                w[i][tt] = min(r, hi)
+                trunc[i][tt] = r > hi
+        elif mode == "seq_tis":  # w_i = min(exp(Σ_t m·(ℓ° − μ)), C) on every token of i
+            r = math.exp(_clamp(sum(d[i][tt] for tt in toks), -CLAMP, CLAMP))
+            for tt in toks:
+                w[i][tt] = min(r, hi)
+                trunc[i][tt] = r > hi
+        elif mode == "token_mask":  # IcePop: keep the token iff exp(ℓ° − μ) ∈ [low, high]
+            for tt in toks:
+                r = math.exp(_clamp(d[i][tt], -CLAMP, CLAMP))
+                keep = lo <= r <= hi
+                w[i][tt] = 1.0 if keep else 0.0
+                masked[i][tt] = not keep
+        else:  # seq_mask: the sequence ratio; geo_mask: its geometric mean over the L_i tokens
+            s = sum(d[i][tt] for tt in toks)
+            if mode == "geo_mask":
+                s = s / max(len(toks), 1)
+            r = math.exp(_clamp(s, -CLAMP, CLAMP))
+            keep = lo <= r <= hi
+            for tt in toks:
+                w[i][tt] = 1.0 if keep else 0.0
+                masked[i][tt] = not keep
+    return (torch.tensor(w, dtype=torch.float64).reshape(b, t), torch.tensor(masked).reshape(b, t),
+            torch.tensor(trunc).reshape(b, t))
+
+
+def corrected_loss(per_tok, w, mask, *, num_tokens: float) -> float:
+    """token_mean of the weighted per-token loss: Σ_{i,t} m·w·loss / N_tok, N_tok counting masked tokens too."""
+    p, ww, m = per_tok.tolist(), w.tolist(), mask.tolist()
+    return sum(p[i][t] * ww[i][t] for i in range(len(p)) for t in range(len(p[i])) if m[i][t]) / max(num_tokens, 1.0)

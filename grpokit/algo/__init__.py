@@ -7,6 +7,7 @@ extension points; `grpokit list` prints REGISTRIES with each entry's first docst
 from grpokit.algo.advantages import ADVANTAGES
 from grpokit.algo.aggregate import AGGREGATIONS
 from grpokit.algo.catalogue import ADV_TRANSFORMS, KL_WEIGHTS
+from grpokit.algo.correction import CORRECTIONS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.distill import DISTILL
 from grpokit.algo.kl import KL
@@ -24,7 +25,8 @@ REGISTRIES: dict[str, Registry] = {
     "distill": DISTILL,
     "adv_transform": ADV_TRANSFORMS,
     "kl_weight": KL_WEIGHTS,
+    "correction": CORRECTIONS,
 }
 
 __all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "DISTILL", "ADV_TRANSFORMS", "KL_WEIGHTS",
-           "REGISTRIES", "Registry"]
+           "CORRECTIONS", "REGISTRIES", "Registry"]

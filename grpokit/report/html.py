@@ -172,6 +172,13 @@ def build_panels(records: Sequence[dict[str, Any]]) -> list[Panel]:
         _lines_panel(records, "plot-ppo_kl", "PPO KL (old vs current policy)", ["ppo_kl"]),
         _lines_panel(records, "plot-clip", "Clipped token fractions", ["clip/low", "clip/high", "clip/dual"]),
     ]
+    specs += [  # sampler vs trainer log-probs and the rollout correction (SPEC 12)
+        _lines_panel(records, "plot-mismatch", "Sampler vs trainer log-probs (μ − ℓ°)", ["mismatch/k1", "mismatch/k3", "mismatch/abs_max"]),
+        _lines_panel(records, "plot-correction-weight", "Rollout correction: IS weight",
+                     ["correction/weight/mean", "correction/weight/min", "correction/weight/max"]),
+        _lines_panel(records, "plot-correction-masked", "Rollout correction: fractions masked / truncated",
+                     ["correction/masked_tokens", "correction/masked_seqs", "correction/truncated_tokens", "correction/truncated_seqs"]),
+    ]
     for prefix in ("fipo/", "frpo/"):
         for k in sorted(k for k in keys if k.startswith(prefix)):
             specs.append(_lines_panel(records, "plot-" + k.replace("/", "-"), k, [k]))

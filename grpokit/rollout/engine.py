@@ -4,6 +4,8 @@ An engine takes token-id prompts, sampling parameters and one seed per row, and 
 the response tokens, their masks, whether each row was truncated, the texts, and the sampler's own
 per-token log-probs μ (SPEC 12), which the trainer keeps apart from its recomputed ℓ°. After every
 optimizer step the trainer hands the engine the new weights (`load_weights`).
+An engine may set `exact_logprobs = True` when its μ equals the trainer's ℓ° to fp32 rounding (the hf
+engine in fp32); without it, rollout.correction = 'auto' turns the rollout correction on (SPEC 12).
 
     engine = ENGINES.get("hf")(model, tokenizer, device="cpu", precision="fp32", shares_weights=True)
     roll = engine.generate(prompt_ids, SamplingParams(max_new_tokens=64), seeds=[...])
@@ -71,11 +73,15 @@ class HFEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu",
                  precision: str = "fp32", shares_weights: bool = True) -> None:
         from grpokit.rollout.sampler import Sampler
+        from grpokit.models.precision import resolve_precision
 
         self.model = model
         self.device = device
         self.shares_weights = shares_weights
         self.sampler = Sampler(model, tokenizer, device=device, autocast_dtype=precision)
+        # μ equals the trainer's ℓ° to fp32 rounding only when the sampler runs in fp32 (SPEC 12); the trainer reads
+        # this to turn rollout correction on ('auto'). An engine without the attribute is taken as inexact.
+        self.exact_logprobs = resolve_precision(device, precision) == "fp32"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Rollout:
         if len(seeds) != len(prompts):

@@ -121,8 +121,10 @@ def _tuple(x: Any) -> Any:
 def save_checkpoint(
     run_dir: Path, step: int, *, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
     generator: torch.Generator | None, state: dict[str, Any], keep_last: int,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep_last`. Returns its directory."""
+    """Write checkpoint `step` atomically; keep the newest `keep_last`. Returns its directory.
+    `extra_tensors`: more files, `<name>.safetensors` each (asynchronous rollouts: the engine's weights)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:06d}"
@@ -136,6 +138,8 @@ def save_checkpoint(
     _write_json(tmp / "optimizer.json", opt_json)
     rng_tensors, rng_extra = rng_state(generator)
     _save_tensors(tmp / "rng.safetensors", rng_tensors)
+    for name, tensors in (extra_tensors or {}).items():
+        _save_tensors(tmp / f"{name}.safetensors", tensors)
     _write_json(tmp / "state.json", {**state, "step": step, "rng": rng_extra})
     _fsync_dir(tmp)
     if final.exists():

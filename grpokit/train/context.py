@@ -65,6 +65,7 @@ class Context:
     logger: MetricsLogger | None = None
     state: dict[str, Any] = field(default_factory=dict)
     teacher: Any = None             # model.teacher, frozen (algo.distill), or None
+    rollouts: Any = None            # rollout.async_rollouts: the pending collect (grpokit.train.async_rollout)
 
 
 def build_scorer(cfg: Config, reward_funcs: Sequence[Any] | None = None) -> Any:
@@ -167,10 +168,13 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
     shard = cfg.dist.strategy == "fsdp2" and dist.is_distributed()
     # FSDP2 shards the trained module in place: the engine then runs an unsharded copy, made before sharding
     # and re-synced after every optimizer step (and after a restore)
-    rollout_model = ref_model(model) if shard else model
+    # asynchronous rollouts: the engine samples its own copy while the update changes the trained one
+    rollout_model = ref_model(model) if shard or cfg.rollout.async_rollouts else model
+    shard_or_async = shard or cfg.rollout.async_rollouts
     wrapped = dist.wrap(model, cfg.dist.strategy, device)
     engine = build_engine(cfg.rollout.engine, rollout_model, tokenizer, device=device,
-                          precision=cfg.model.precision, shares_weights=not shard)
+                          precision=cfg.model.precision if cfg.rollout.precision == "same" else cfg.rollout.precision,
+                          shares_weights=not shard_or_async)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay, foreach=False)
@@ -234,10 +238,14 @@ def save(ctx: Context) -> Path | None:
         "world_size": dist.world_size(),
     }
     m, o = model_state(ctx), optim_state(ctx)  # collective under FSDP2: every rank takes part
+    extra = {}
+    if ctx.rollouts is not None:  # asynchronous rollouts: what regenerates the in-flight batch on resume
+        more, extra["sampler"] = ctx.rollouts.checkpoint_parts()
+        state.update(more)
     path = None
     if dist.is_main():
         path = ckpt.save_checkpoint(ctx.run_dir, ctx.state["step"], model_state=m, optim_state=o,
-                                    generator=None, state=state, keep_last=ctx.cfg.train.keep_last)
+                                    generator=None, state=state, keep_last=ctx.cfg.train.keep_last, extra_tensors=extra)
     dist.barrier()
     return path
 
@@ -250,6 +258,7 @@ def restore(ctx: Context, resume: str | Path) -> None:
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
         path = found
     m, o, state = ckpt.load_checkpoint(path, None)
+    ctx.state["checkpoint"] = str(path)  # asynchronous rollouts read their pending batch's state from it
     dist.load_full_state(ctx.base, ctx.optimizer, m, o, sharded(ctx))
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.data_rng.setstate(ckpt._tuple(state["data_rng"]))

@@ -32,14 +32,18 @@ from grpokit.train.update import build_batch, update
 def train_step(ctx: Context) -> dict[str, float]:
     c, G = ctx.cfg, ctx.cfg.rollout.group_size
     t0 = time.perf_counter()
-    col = collect(ctx)                                          # 1-3. sample, score, transform
+    extra: dict[str, float] = {}
+    if ctx.rollouts is not None:  # asynchronous: generated during the last update; the engine gets the weights now
+        col, extra = ctx.rollouts.next_batch()
+    else:
+        col = collect(ctx)                                      # 1-3. sample, score, transform
     t1 = time.perf_counter()
     batch = build_batch(ctx, col)                               # 4. ℓ°, ℓʳ, advantages, credit
     t2 = time.perf_counter()
     upd, credit = update(ctx, batch, col.global_row)            # 5. optimizer steps
     t3 = time.perf_counter()
-    sync_s = sync_weights(ctx)                                  # 6. new weights into the engine
-    m = {**rollout_metrics(col, batch, group_size=G), **upd, **col.info}   # 7. log
+    sync_s = sync_weights(ctx) if ctx.rollouts is None else extra["time/weight_sync"]  # 6. new weights into the engine
+    m = {**rollout_metrics(col, batch, group_size=G), **upd, **col.info, **extra}   # 7. log
     m["time/logprobs"] = t2 - t1
     m["time/update"] = t3 - t2
     m["time/weight_sync"] = sync_s
@@ -89,6 +93,11 @@ def train(cfg: Config, *, resume: str | Path | None = None, **objects: Any) -> P
         from tqdm import tqdm
 
         bar = tqdm(total=c.steps, initial=ctx.state["step"], desc=cfg.recipe, unit="step", dynamic_ncols=True)
+    if cfg.rollout.async_rollouts:
+        from grpokit.train.async_rollout import AsyncRollouts
+
+        ctx.rollouts = AsyncRollouts(ctx)
+        ctx.rollouts.start(ctx.state.get("checkpoint"))
     try:
         while ctx.state["step"] < c.steps:
             ctx.state["step"] += 1
@@ -113,8 +122,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, **objects: Any) -> P
     finally:
         if bar is not None:
             bar.close()
+        if ctx.rollouts is not None:
+            ctx.rollouts.close()
     if not (c.save_every and ctx.state["step"] % c.save_every == 0):
         save(ctx)
+    if ctx.rollouts is not None:
+        sync_weights(ctx)  # the engine held the weights one update old; evaluate the final ones
     results: dict[str, Any] = {"before": ctx.state.get("eval_before")}
     if heldout:
         t = time.perf_counter()

@@ -40,6 +40,8 @@ class Batch:
     teacher_logp: torch.Tensor | None = None  # [B, T] f32 ℓ_T of model.teacher (algo.distill), or None
     distill_coef: torch.Tensor | None = None  # [B] f32 KDRL's per-row coefficient (annealed beta, 0 = untouched)
     kl_weight: torch.Tensor | None = None  # [B] f32 per-sequence KL-in-loss weight (algo.kl_weight, SPEC 11), or None = beta
+    rollout_logp: torch.Tensor | None = None  # [B, T] f32 μ, the engine's log-probs (rollout correction, SPEC 12), or None
+    is_weight: torch.Tensor | None = None  # [B, T] f32 stop-gradient rollout-correction weight w (SPEC 12), or None
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows `idx`, with columns trimmed to what those rows use (all-pad prompt columns, tail)."""
@@ -51,7 +53,8 @@ class Batch:
         p_first = int(sub["attention_mask"][:, :P].any(0).float().argmax().item()) if P else 0
         sub["input_ids"] = sub["input_ids"][:, p_first : P + t_used]  # [b, P'+T']
         sub["attention_mask"] = sub["attention_mask"][:, p_first : P + t_used]  # [b, P'+T']
-        for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy", "teacher_logp"):
+        for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy", "teacher_logp",
+                     "rollout_logp", "is_weight"):
             if sub[name] is not None:
                 sub[name] = sub[name][:, :t_used]  # [b, T']
         return Batch(**sub)
@@ -274,6 +277,8 @@ def micro_batch_loss(
             cfg.distill, logp, batch.teacher_logp, token_adv, mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
             row_coef=batch.distill_coef, lam=cfg.gopd_lambda, outcome_weight=cfg.gopd_outcome_weight)  # [b, T'] x 2
     per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
+    if batch.is_weight is not None:  # rollout correction (SPEC 12): stop-gradient w on the policy term; N_tok unchanged
+        per_tok = per_tok * batch.is_weight.detach().to(per_tok.dtype)  # [b, T']
     if distill_tok is not None:
         per_tok = per_tok + distill_tok  # [b, T'], 0 off mask
     if cfg.beta > 0 and cfg.kl_placement == "loss":

@@ -18,6 +18,7 @@ import torch
 
 from grpokit import dist
 from grpokit.train.collect import Collected
+from grpokit.train.correction import correction_weights, is_bypass, resolve_mode, weighted
 from grpokit.train.step import (
     Batch, StatSums, cancellation_metrics, credit_needs_step_rewards, micro_batch_loss, needs_sequence_weights, plan_microbatches, plan_minibatches,
     sequence_advantages, sequence_kl_weights, sequence_weights, token_credit, transform_needs_old_logprobs,
@@ -41,6 +42,8 @@ def recompute_old_logprobs(cfg: Any) -> bool:
     detached current log-probs, which are ℓ° exactly. Credit other than 'broadcast' (FRPO's KL-to-go) and
     KL-in-reward read ℓ° before the update, so they always get the pass."""
     t, a = cfg.train, cfg.algo
+    if is_bypass(cfg):  # rollout correction 'bypass' (SPEC 12): ℓ° := μ, never recomputed
+        return False
     return (t.old_logprobs == "recompute" or t.updates_per_rollout > 1 or a.credit != "broadcast"
             or (a.beta > 0 and a.kl_placement == "reward") or transform_needs_old_logprobs(a))
 
@@ -110,6 +113,8 @@ def build_batch(ctx: Any, col: Collected, micro_size: int | None = None) -> Batc
 
         batch.teacher_logp, _ = logprob_pass(ctx, ctx.teacher, batch, micro)
         batch.distill_coef = distill_row_coef(ctx.cfg, step=ctx.state["step"], correct=sc.correct)  # [B]
+    if weighted(resolve_mode(ctx.cfg, ctx.engine)):  # μ for the rollout-correction weights (SPEC 12)
+        batch.rollout_logp = roll.logprobs.float() * resp_mask  # [B, T]
     batch.seq_adv = global_advantages(ctx, batch.rewards, batch.group_ids, counted)  # [B]
     batch.seq_adv = transformed_advantages(batch.seq_adv, resp_mask, cfg=a, old_logp=batch.old_logp,
                                            ref_logp=batch.ref_logp)  # [B] ACE (SPEC 11)
@@ -160,7 +165,9 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
     # the optimizer's own list: under FSDP2, model.parameters() lists the root's unsharded tensors between a
     # forward and its backward, which never receive the (sharded) gradients
     params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
-    fresh = not recompute_old_logprobs(c)
+    bypass = is_bypass(c)  # ℓ° := μ (SPEC 12): old_logp keeps μ, entropy from the update's forward
+    fresh = not recompute_old_logprobs(c) and not bypass
+    mode = resolve_mode(c, ctx.engine)
     seq_w = torch.ones(len(global_row)) if c.algo.loss == "gspo" else None  # [B] the weights GSPO used (SPEC 8)
     for j, span in enumerate(plan_minibatches(n_global, c.train.updates_per_rollout)):
         lo, hi = int(span[0]), int(span[-1]) + 1  # global rows [lo, hi)
@@ -182,15 +189,20 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
         for k, (idx, weight) in enumerate(plan):
             sub = batch.select(idx)
             with dist.grad_sync(ctx.model, enabled=k == len(plan) - 1):
-                if fresh:  # ℓ° = the detached current log-probs (ratio 1); entropy from this forward
+                if fresh or bypass:  # fresh: ℓ° = the detached current log-probs (ratio 1); entropy from this forward
                     logp, ent = score_tokens(ctx, ctx.model, sub, entropy=True)
-                    sub.old_logp = logp.detach().float()
                     if weight:
                         batch.entropy[idx, : sub.response_len] = ent.float().cpu()
-                        batch.old_logp[idx, : sub.response_len] = sub.old_logp.cpu() * sub.response_mask
+                    if fresh:
+                        sub.old_logp = logp.detach().float()
+                        if weight:
+                            batch.old_logp[idx, : sub.response_len] = sub.old_logp.cpu() * sub.response_mask
                 else:
                     logp = score_tokens(ctx, ctx.model, sub)
                 sub = _to(sub, logp.device)
+                if weighted(mode):  # rollout correction (SPEC 12): w(ℓ° − μ), stop-gradient, on the policy loss
+                    sub.is_weight = correction_weights(mode, sub.old_logp, sub.rollout_logp, sub.loss_mask, cfg=c,
+                                                       stats=stats if weight else sink)
                 loss, s = micro_batch_loss(sub, logp.float(), cfg=c.algo, num_tokens=n_tok, num_seqs=n_seq,
                                            norm_const=norm_const, stats=stats if weight else sink)
                 (loss * weight * dist.world_size()).backward()

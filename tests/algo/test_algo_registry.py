@@ -17,6 +17,7 @@ EXPECTED = {
     "distill": ["gopd", "kdrl", "none"],
     "adv_transform": ["ace", "none"],
     "kl_weight": ["apo", "constant"],
+    "correction": ["geo_mask", "seq_mask", "seq_tis", "token_mask", "token_tis"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -28,9 +29,10 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "distill": set(),
     "adv_transform": {"old_logp", "ref_logp", "alpha"},
     "kl_weight": {"beta", "e"},
+    "correction": {"low", "high"},
 }
 POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3, "distill": 4,
-              "adv_transform": 2, "kl_weight": 4}
+              "adv_transform": 2, "kl_weight": 4, "correction": 2}
 
 
 def test_registries_and_exports():

@@ -100,6 +100,7 @@ PAPER_LOSS_HPARAMS = {
              "safety": 10.0, "drop_seqs": True},  # the 32B recipe
     "frpo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
     "grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
+    "grpo_tis": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO + rollout correction (SPEC 12)
     "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip_c": None},
     "kdrl": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO's PPO clip under the teacher term
     "gopd": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # verl's defaults in the official script
