@@ -9,6 +9,7 @@ from grpokit.algo.aggregate import AGGREGATIONS
 from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
+from grpokit.algo.masks import TOKEN_MASKS
 from grpokit.algo import process as _process  # noqa: F401  (registers credit 'process', SPEC 13)
 from grpokit.algo.registry import Registry
 
@@ -19,6 +20,7 @@ REGISTRIES: dict[str, Registry] = {
     "aggregation": AGGREGATIONS,
     "kl": KL,
     "seq_weight": SEQ_WEIGHTS,
+    "token_mask": TOKEN_MASKS,
 }
 
-__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "REGISTRIES", "Registry"]
+__all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "TOKEN_MASKS", "REGISTRIES", "Registry"]

@@ -34,7 +34,7 @@ def test_wrong_type_names_field() -> None:
 
 
 def test_unknown_registry_name_lists_valid() -> None:
-    with pytest.raises(ConfigError, match=r"algo.loss: unknown loss 'ppo'.*valid names: cispo, fipo, gspo, ppo_clip"):
+    with pytest.raises(ConfigError, match=r"algo.loss: unknown loss 'ppo'.*valid names: cispo, fipo, gspo, .*ppo_clip"):
         load_config(None, ["algo.loss=ppo"])
 
 
@@ -101,6 +101,11 @@ PAPER_LOSS_HPARAMS = {
     "frpo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
     "grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
     "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip_c": None},
+    # SPEC 11 (catalogue)
+    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "dual_clip_c": 10.0},  # verl recipe/entropy clip_cov runs
+    "dppo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
+    "kl_cov": {"kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0},  # the paper's 7B/32B runs
+    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},  # the paper's and TRL's defaults
 }
 
 
