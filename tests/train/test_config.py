@@ -102,7 +102,7 @@ PAPER_LOSS_HPARAMS = {
     "grpo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},
     "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip_c": None},
     # SPEC 11 (catalogue)
-    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "dual_clip_c": 10.0},  # verl recipe/entropy clip_cov runs
+    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "dual_clip_c": None},  # verl's entropy recipe (clip_cov reads no c)
     "dppo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
     "kl_cov": {"kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0},  # the paper's 7B/32B runs
     "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},  # the paper's and TRL's defaults
