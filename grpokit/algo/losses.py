@@ -193,13 +193,16 @@ def ppo_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> to
 # ---------------------------------------------------------------------------- SPEC section 11 (catalogue)
 
 
-@LOSSES.register("sapo")
+@LOSSES.register("sapo", ignores=("clip_low", "clip_high", "dual_clip_c"))
 def sapo(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
     *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, Stats]:
@@ -210,7 +213,8 @@ def sapo(
     A ≤ 0 (TRL's `advantages > 0`). The 4/τ is part of the gate f(ρ) = σ(τ(ρ−1))·4/τ, so its gradient is
     −A·w·ρ·∇ℓ with w = 4σ(1−σ) ∈ (0, 1]: at ρ = 1, w = 1 and the gradient is the unclipped policy
     gradient −A·∇ℓ (the loss value there is −2A/τ, not −A). Far from ρ = 1 the weight decays smoothly
-    (faster for τ_neg > τ_pos). No token is hard-clipped: the clip flags are all False.
+    (faster for τ_neg > τ_pos). No token is hard-clipped: the clip flags are all False, and the clip
+    keywords are declared only for the uniform signature (registered as ignored, so the config refuses them).
     Aggregate with `seq_mean_token_mean` for the paper's (and TRL's) objective.
     Shapes: logp, old_logp, adv [B,T], mask [B,T] bool -> (per_tok [B,T], stats with `sapo_gate` f32
     [B,T], the weight w, 0 where masked).
@@ -230,13 +234,16 @@ def sapo(
     return per_tok, stats
 
 
-@LOSSES.register("kl_cov")
+@LOSSES.register("kl_cov", ignores=("clip_low", "clip_high", "dual_clip_c"))
 def kl_cov(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
     *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
     kl_cov_ratio: float = 2e-3,
     kl_cov_coef: float = 1.0,
     penalised: torch.Tensor | None = None,
@@ -250,7 +257,8 @@ def kl_cov(
     the k = max(⌊κ·N⌋, 1) largest. `penalised` [B,T] bool, when given, is that selection made by the
     caller over a whole optimizer step (the trainer does, so the choice does not depend on the
     micro-batch split); None selects over this call's tokens (verl's per-micro-batch rule).
-    κ = 2e-3 is the paper's recipe value (verl's recipes for 7B and 32B; verl's fallback is 2e-4).
+    κ = 2e-3 is the paper's recipe value (verl's recipes for 7B and 32B; verl's fallback is 2e-4). The clip
+    keywords are declared only for the uniform signature (registered as ignored: KL-Cov does not clip).
     Shapes: logp, old_logp, adv [B,T], mask [B,T] bool, penalised [B,T] bool -> (per_tok [B,T], stats
     with `kl_cov_penalised` bool [B,T]; the clip flags are all False).
     """

@@ -129,7 +129,10 @@ def kl_cov_select(adv: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, *, 
 def no_mask(
     logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor,
 ) -> tuple[torch.Tensor, Stats]:
-    """No token mask: every loss token keeps its gradient (the default)."""
+    """No token mask: every loss token keeps its gradient (the default).
+
+    Shapes: logp, old_logp, adv, mask, clipped [B,T] -> (keep = mask [B,T] bool, {"masked": all False [B,T]}).
+    """
     return mask, {"masked": torch.zeros_like(mask)}
 
 
@@ -159,7 +162,7 @@ def clip_cov_mask(
     *, ratio: float = 2e-4, cov_lb: float = 1.0, cov_ub: float = 5.0,
     selected: torch.Tensor | None = None, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, Stats]:
-    """Clip-Cov: detach max(⌊r·N⌋, 1) random tokens with cov in (cov_lb, cov_ub) that the clip did not clip.
+    """Clip-Cov: detach max(⌊r·N⌋, 1) random unclipped tokens with covariance in (cov_lb, cov_ub).
 
     arXiv 2505.22617, verl `compute_policy_loss_clip_cov` (verl/trainer/ppo/core_algos.py): cov =
     (A − mean A)(sg ℓ − mean sg ℓ) over the loss tokens; candidates are loss tokens not already clipped

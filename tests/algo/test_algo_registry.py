@@ -10,10 +10,11 @@ from grpokit.algo import REGISTRIES
 EXPECTED = {
     "advantage": ["batch_std", "dr_grpo", "grpo", "rloo"],
     "credit": ["broadcast", "frpo", "process"],
-    "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
+    "loss": ["cispo", "fipo", "gspo", "kl_cov", "ppo_clip", "sapo"],
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["k1", "k2", "k3"],
     "seq_weight": ["adv_orthogonal", "min_replace", "none"],
+    "token_mask": ["clip_cov", "dppo", "none"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -22,8 +23,9 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "aggregation": {"num_tokens", "num_seqs", "norm_const"},
     "kl": set(),
     "seq_weight": set(),
+    "token_mask": set(),
 }
-POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3}
+POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3, "token_mask": 5}
 
 
 def test_registries_and_exports():
@@ -52,7 +54,7 @@ def test_unknown_name_lists_valid_names():
         REGISTRIES["loss"].get("ppo_clipp")
     msg = str(err.value)
     assert "unknown loss 'ppo_clipp'" in msg and "did you mean 'ppo_clip'" in msg
-    assert "cispo, fipo, gspo, ppo_clip" in msg
+    assert "cispo, fipo, gspo, kl_cov, ppo_clip, sapo" in msg
     with pytest.raises(ValueError, match="valid names: batch_std, dr_grpo, grpo, rloo"):
         REGISTRIES["advantage"].call("ppo", torch.zeros(2), torch.zeros(2, dtype=torch.long))
 
