@@ -141,7 +141,7 @@ def dppo_mask(
     logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor,
     *, delta: float = 8.0,
 ) -> tuple[torch.Tensor, Stats]:
-    """DPPO / IcePop ratio mask: a token whose ratio ρ leaves [1/δ, δ] carries no gradient, either sign of A.
+    """DPPO / IcePop ratio mask: a token whose ratio ρ leaves [1/δ, δ] loses its gradient, any sign of A.
 
     ρ = exp(clamp(ℓ − ℓ°, ±20)), the loss's own ratio. prime-rl's double-sided token mask (PR #1101,
     `mask_ratio_low` = 0.125, `mask_ratio_high` = 8: δ = 8 here) and IcePop (Ant Group, Ring-1T report)
