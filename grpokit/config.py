@@ -526,6 +526,15 @@ def _loss_defaults_note(fname: str) -> str:
     return "default: the loss's own (" + ", ".join(f"{n} {v}" for n, v in found) + ")"
 
 
+def _token_mask_defaults_note(fname: str) -> str:
+    """For a token-mask hyperparameter field: the default of the mask that takes it, e.g. 'default 8.0 (dppo's own)'."""
+    from grpokit.algo import TOKEN_MASKS
+
+    kw = TOKEN_MASK_HPARAMS[fname]
+    found = [(n, TOKEN_MASKS.defaults(n)[kw]) for n in TOKEN_MASKS.names() if kw in (TOKEN_MASKS.accepts(n) or ())]
+    return ", ".join(f"default {v!r} ({n}'s own)" for n, v in found)
+
+
 def help_text() -> str:
     """Every field with its type, default and documentation, section by section."""
     lines = ["configuration fields (set in a TOML recipe or with --set section.field=value):", ""]
@@ -543,6 +552,8 @@ def help_text() -> str:
             name = getattr(typ, "__name__", str(typ))
             value = getattr(obj, f.name)
             default = _loss_defaults_note(f.name) if sec.name == "algo" and f.name in LOSS_HPARAMS and value is None else f"default {value!r}"
+            if sec.name == "algo" and f.name in TOKEN_MASK_HPARAMS and value is None:
+                default = _token_mask_defaults_note(f.name)
             lines.append(f"  {sec.name}.{f.name} ({name}, {default})")
             lines.append(f"      {f.metadata.get('help', '')}")
         lines.append("")

@@ -224,3 +224,38 @@ def test_kl_source_current_needs_frpo() -> None:
     cfg = load_config(None, ["algo.credit=frpo", "algo.kl_placement=advantage", "algo.beta=0.01", "algo.std=population",
                              "algo.kl_source=current"])
     assert cfg.algo.kl_source == "current"
+
+
+# ------------------------------------------------------------------ SPEC 11 (catalogue): token masks and their fields
+
+
+def test_catalogue_fields_belong_to_their_loss_or_mask() -> None:
+    with pytest.raises(ConfigError, match=r"algo.clip_cov_ratio = 0.01 is set, but algo.token_mask = 'none' does not take it .*clip_cov"):
+        load_config(None, ["algo.clip_cov_ratio=0.01"])
+    with pytest.raises(ConfigError, match=r"algo.mask_delta = 4.0 is set, but algo.token_mask = 'clip_cov' does not take it .*dppo"):
+        load_config(None, ["algo.token_mask=clip_cov", "algo.mask_delta=4"])
+    with pytest.raises(ConfigError, match=r"algo.sapo_tau_pos = 2.0 is set, but algo.loss = 'ppo_clip' does not take it .*sapo"):
+        load_config(None, ["algo.sapo_tau_pos=2"])
+    with pytest.raises(ConfigError, match=r"algo.clip_high = 0.28 is set, but algo.loss = 'kl_cov' does not take it"):
+        load_config(None, ["algo.loss=kl_cov", "algo.clip_high=0.28", "train.updates_per_rollout=2"])
+    with pytest.raises(ConfigError, match=r"algo.token_mask: unknown token_mask 'clipcov'.*did you mean 'clip_cov'"):
+        load_config(None, ["algo.token_mask=clipcov"])
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["algo.token_mask=dppo", "algo.mask_delta=1"], r"algo.mask_delta must be a number > 1"),
+    (["algo.token_mask=clip_cov", "algo.clip_cov_ratio=0"], r"algo.clip_cov_ratio is a fraction of the tokens"),
+    (["algo.token_mask=clip_cov", "algo.clip_cov_lb=5", "algo.clip_cov_ub=1"], r"algo.clip_cov_lb < algo.clip_cov_ub"),
+    (["algo.loss=kl_cov", "algo.kl_cov_ratio=2", "train.updates_per_rollout=2"], r"algo.kl_cov_ratio is a fraction"),
+    (["algo.loss=sapo", "algo.sapo_tau_neg=0", "train.updates_per_rollout=2"], r"algo.sapo_tau_neg must be a number > 0"),
+    (["algo.loss=kl_cov", "algo.token_mask=clip_cov", "train.updates_per_rollout=2"], r"both select tokens by covariance"),
+])
+def test_catalogue_values_out_of_range_are_errors(sets: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)
+
+
+def test_sapo_and_kl_cov_with_one_update_warn() -> None:
+    for loss in ("sapo", "kl_cov"):
+        with pytest.warns(UserWarning, match=r"reduce to the unclipped policy gradient; set train.updates_per_rollout >= 2"):
+            load_config(None, [f"algo.loss={loss}", "train.updates_per_rollout=1"])
