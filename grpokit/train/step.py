@@ -217,6 +217,7 @@ def covariance_selection(
     n = int(round(float(sums[2])))
     cov = token_covariance(adv, lp, mask, mean_adv=float(sums[0]) / max(n, 1), mean_logp=float(sums[1]) / max(n, 1))  # [B, T]
     rows = global_rows.tolist()
+    where = {r: b for b, r in enumerate(rows)}  # global row -> local row
     out = torch.zeros(mask.shape, dtype=torch.bool)  # [B, T]
     if kind == "KL-Cov":
         k = kl_cov_count(n, float(resolved_loss_hparams(cfg)["kl_cov_ratio"]))
@@ -235,11 +236,19 @@ def covariance_selection(
         clipped = s["clipped_low"] | s["clipped_high"] | s["dual_clipped"]  # [B, T]
         mh = {**TOKEN_MASKS.defaults(cfg.token_mask), **token_mask_hparams(cfg)}
         cand = clip_cov_candidates(cov, mask, clipped, cov_lb=float(mh["cov_lb"]), cov_ub=float(mh["cov_ub"]))  # [B, T]
-        mine = [(rows[int(b)], int(t)) for b, t in cand.nonzero().tolist()]
-        pool = sorted(c for part in gather(mine) for c in part)
+        # the global candidate order is (global row, position): exchange only each row's candidate count
+        counts = cand.sum(1).tolist()  # [B]
+        per_row = sorted(rc for part in gather([(rows[b], c) for b, c in enumerate(counts) if c]) for rc in part)
+        ends = torch.tensor([c for _, c in per_row], dtype=torch.long).cumsum(0)  # [R] inclusive
         g = torch.Generator().manual_seed(seed)
-        chosen = {pool[i] for i in choose_random(len(pool), clip_cov_count(n, float(mh["ratio"])), g).tolist()}
-    where = {r: b for b, r in enumerate(rows)}
+        picks = choose_random(int(ends[-1]) if len(per_row) else 0, clip_cov_count(n, float(mh["ratio"])), g)  # [k']
+        owner = torch.searchsorted(ends, picks, right=True)  # [k'] index into per_row
+        chosen = set()
+        for p, o in zip(picks.tolist(), owner.tolist()):
+            r = per_row[o][0]
+            if r in where:
+                offset = p - (int(ends[o - 1]) if o else 0)  # the offset-th candidate of row r, by position
+                chosen.add((r, int(cand[where[r]].nonzero()[offset, 0])))
     for r, t in chosen:
         if r in where:
             out[where[r], t] = True
