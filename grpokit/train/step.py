@@ -222,9 +222,9 @@ def covariance_selection(
     if kind == "KL-Cov":
         k = kl_cov_count(n, float(resolved_loss_hparams(cfg)["kl_cov_ratio"]))
         idx = mask.flatten().nonzero().squeeze(1)  # [N_local]
-        top = idx[choose_top(cov.flatten()[idx], k)].tolist() if idx.numel() else []  # local top-k: holds the global one
+        top = idx[choose_top(cov.flatten()[idx], k)] if idx.numel() else idx  # local top-k: holds the global one
         T = mask.shape[1]
-        mine = [(float(cov.flatten()[i]), rows[i // T], i % T) for i in top]
+        mine = [(c, rows[i // T], i % T) for c, i in zip(cov.flatten()[top].tolist(), top.tolist())]
         pool = sorted((c for part in gather(mine) for c in part), key=lambda c: (-c[0], c[1], c[2]))
         chosen = {(r, t) for _, r, t in pool[:k]}
     else:
