@@ -88,6 +88,12 @@ LOSS_HPARAMS: dict[str, str] = {
     "clip_low": "clip_low", "clip_high": "clip_high", "dual_clip_c": "dual_clip_c",
     "fipo_tau": "tau", "fipo_f_low": "f_low", "fipo_f_high": "f_high", "fipo_safety": "safety",
     "fipo_drop_seqs": "drop_seqs",
+    "kl_cov_ratio": "kl_cov_ratio", "kl_cov_coef": "kl_cov_coef", "sapo_tau_pos": "tau_pos", "sapo_tau_neg": "tau_neg",
+}
+#: AlgoConfig fields that are token-mask hyperparameters (SPEC 11) -> the keyword the masks declare; unset
+#: (None) means the chosen mask's own default, and a set field the chosen algo.token_mask does not take is an error.
+TOKEN_MASK_HPARAMS: dict[str, str] = {
+    "mask_delta": "delta", "clip_cov_ratio": "ratio", "clip_cov_lb": "cov_lb", "clip_cov_ub": "cov_ub",
 }
 #: Loss hyperparameters whose config value 0 means "off" (the keyword None).
 OFF_AT_ZERO = frozenset({"dual_clip_c", "fipo_safety"})
@@ -116,6 +122,15 @@ class AlgoConfig:
     fipo_f_high: float | None = doc("FIPO upper clip of the influence weight f.", None)
     fipo_safety: float | None = doc("FIPO safety threshold: for A<0 and ratio > safety, f is clamped to [0.8, 1] (0 = off).", None)
     fipo_drop_seqs: bool | None = doc("FIPO: drop a sequence with more than one negative-advantage token past the dual-clip threshold (official code).", None)
+    kl_cov_ratio: float | None = doc("KL-Cov (algo.loss = 'kl_cov', SPEC 11): fraction kappa of an optimizer step's loss tokens, those of largest covariance, that get the |l - l_old| penalty (k = max(floor(kappa*N), 1)).", None)
+    kl_cov_coef: float | None = doc("KL-Cov: coefficient of the |l - l_old| penalty on the selected tokens (verl's ppo_kl_coef).", None)
+    sapo_tau_pos: float | None = doc("SAPO (algo.loss = 'sapo', SPEC 11): gate temperature for tokens with A > 0.", None)
+    sapo_tau_neg: float | None = doc("SAPO: gate temperature for tokens with A <= 0 (larger = faster decay off-policy).", None)
+    token_mask: str = doc("Token mask applied after any loss (SPEC 11, `grpokit list token_mask`): 'none', 'dppo' (drop tokens whose ratio leaves [1/delta, delta]) or 'clip_cov' (detach random high-covariance tokens, arXiv 2505.22617).", "none")
+    mask_delta: float | None = doc("DPPO / IcePop mask (algo.token_mask = 'dppo'): delta > 1 of the kept ratio band [1/delta, delta] (default 8, prime-rl's).", None)
+    clip_cov_ratio: float | None = doc("Clip-Cov (algo.token_mask = 'clip_cov'): fraction r of an optimizer step's loss tokens to detach, k = max(floor(r*N), 1) (default 2e-4).", None)
+    clip_cov_lb: float | None = doc("Clip-Cov: lower bound of the covariance band of candidate tokens (default 1).", None)
+    clip_cov_ub: float | None = doc("Clip-Cov: upper bound of the covariance band of candidate tokens (default 5).", None)
     dynamic_sampling: bool = doc("DAPO dynamic sampling: drop groups with all-equal rewards and sample more prompts.", False)
     max_gen_batches: int = doc("Dynamic sampling: at most this many rollout rounds per step.", 3)
     overlong_filter: bool = doc("DAPO overlong filtering: truncated responses are masked out of the loss.", False)
@@ -435,10 +450,45 @@ def _check_correction(cfg: Config) -> None:
         )
 
 
+def _check_token_mask(a: AlgoConfig, masks: Any, losses: Any) -> None:
+    """Token-mask hyperparameters must belong to the chosen algo.token_mask and be in range (SPEC 11)."""
+    taken = masks.accepts(a.token_mask) or frozenset()
+    for fname, kw in TOKEN_MASK_HPARAMS.items():
+        value = getattr(a, fname)
+        if value is not None and kw not in taken:
+            takers = [n for n in masks.names() if kw in (masks.accepts(n) or ())]
+            raise ConfigError(
+                f"algo.{fname} = {value!r} is set, but algo.token_mask = '{a.token_mask}' does not take it (it is used "
+                f"by: {', '.join(takers)}); remove algo.{fname} or set algo.token_mask = '{takers[0]}'"
+            )
+    if a.mask_delta is not None and not (math.isfinite(a.mask_delta) and a.mask_delta > 1):
+        raise ConfigError(f"algo.mask_delta must be a number > 1 (the kept ratio band is [1/delta, delta]), got {a.mask_delta}")
+    for fname in ("clip_cov_ratio", "kl_cov_ratio"):
+        value = getattr(a, fname)
+        if value is not None and not 0 < value <= 1:
+            raise ConfigError(f"algo.{fname} is a fraction of the tokens, 0 < value <= 1; got {value}")
+    d = masks.defaults("clip_cov")
+    lb = a.clip_cov_lb if a.clip_cov_lb is not None else d["cov_lb"]
+    ub = a.clip_cov_ub if a.clip_cov_ub is not None else d["cov_ub"]
+    if a.token_mask == "clip_cov" and not lb < ub:
+        raise ConfigError(f"Clip-Cov needs algo.clip_cov_lb < algo.clip_cov_ub (an empty band selects nothing), got {lb} and {ub}")
+    for fname in ("sapo_tau_pos", "sapo_tau_neg"):
+        value = getattr(a, fname)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"algo.{fname} must be a number > 0, got {value}")
+    if a.kl_cov_coef is not None and not (math.isfinite(a.kl_cov_coef) and a.kl_cov_coef >= 0):
+        raise ConfigError(f"algo.kl_cov_coef must be a number >= 0, got {a.kl_cov_coef}")
+    if "selected" in taken and "penalised" in (losses.accepts(a.loss) or ()):
+        raise ConfigError(
+            f"algo.token_mask = '{a.token_mask}' and algo.loss = '{a.loss}' both select tokens by covariance (Clip-Cov and "
+            "KL-Cov are alternatives in arXiv 2505.22617); set algo.token_mask = 'none' or choose another loss"
+        )
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError on impossible combinations; return (and emit) warnings for useless ones."""
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS
+    from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS, TOKEN_MASKS
 
     from grpokit.rollout.engine import ENGINES
     from grpokit.transforms import TRANSFORMS
@@ -448,6 +498,7 @@ def validate(cfg: Config) -> list[str]:
         (ADVANTAGES, a.advantage, "algo.advantage"), (LOSSES, a.loss, "algo.loss"),
         (AGGREGATIONS, a.aggregation, "algo.aggregation"), (CREDIT, a.credit, "algo.credit"),
         (KL, a.kl_estimator, "algo.kl_estimator"), (SEQ_WEIGHTS, a.seq_weight, "algo.seq_weight"),
+        (TOKEN_MASKS, a.token_mask, "algo.token_mask"),
     ]:
         if name not in reg:
             try:
@@ -495,6 +546,7 @@ def validate(cfg: Config) -> list[str]:
     _check_loss_hparams(a, LOSSES)
     _check_distill(cfg)
     _check_catalogue(cfg)
+    _check_token_mask(a, TOKEN_MASKS, LOSSES)
     if a.kl_source == "current" and a.kl_placement != "advantage":
         raise ConfigError(
             "algo.kl_source = 'current' only changes where FRPO's KL-to-go comes from; set algo.credit = 'frpo' "
@@ -565,6 +617,12 @@ def validate(cfg: Config) -> list[str]:
             f"model.teacher = '{cfg.model.teacher}' is set but algo.distill = 'none', so no teacher is loaded; set "
             "algo.distill = 'kdrl' or 'gopd' to distil from it, or remove model.teacher"
         )
+    if a.loss in ("sapo", "kl_cov") and t.updates_per_rollout < 2:
+        notes.append(
+            f"algo.loss = '{a.loss}' with train.updates_per_rollout = 1: the only update starts at the sampling policy "
+            "(ratio 1), where SAPO's gate weight is 1 and KL-Cov's |l - l_old| has zero gradient, so both reduce to the "
+            "unclipped policy gradient; set train.updates_per_rollout >= 2"
+        )
     for n in notes:
         warnings.warn(n, UserWarning, stacklevel=2)
     return notes
@@ -604,6 +662,15 @@ def _loss_defaults_note(fname: str) -> str:
     return "default: the loss's own (" + ", ".join(f"{n} {v}" for n, v in found) + ")"
 
 
+def _token_mask_defaults_note(fname: str) -> str:
+    """For a token-mask hyperparameter field: the default of the mask that takes it, e.g. 'default 8.0 (dppo's own)'."""
+    from grpokit.algo import TOKEN_MASKS
+
+    kw = TOKEN_MASK_HPARAMS[fname]
+    found = [(n, TOKEN_MASKS.defaults(n)[kw]) for n in TOKEN_MASKS.names() if kw in (TOKEN_MASKS.accepts(n) or ())]
+    return ", ".join(f"default {v!r} ({n}'s own)" for n, v in found)
+
+
 def help_text() -> str:
     """Every field with its type, default and documentation, section by section."""
     lines = ["configuration fields (set in a TOML recipe or with --set section.field=value):", ""]
@@ -621,6 +688,8 @@ def help_text() -> str:
             name = getattr(typ, "__name__", str(typ))
             value = getattr(obj, f.name)
             default = _loss_defaults_note(f.name) if sec.name == "algo" and f.name in LOSS_HPARAMS and value is None else f"default {value!r}"
+            if sec.name == "algo" and f.name in TOKEN_MASK_HPARAMS and value is None:
+                default = _token_mask_defaults_note(f.name)
             lines.append(f"  {sec.name}.{f.name} ({name}, {default})")
             lines.append(f"      {f.metadata.get('help', '')}")
         lines.append("")

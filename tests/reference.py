@@ -669,3 +669,111 @@ def corrected_loss(per_tok, w, mask, *, num_tokens: float) -> float:
     """token_mean of the weighted per-token loss: Σ_{i,t} m·w·loss / N_tok, N_tok counting masked tokens too."""
     p, ww, m = per_tok.tolist(), w.tolist(), mask.tolist()
     return sum(p[i][t] * ww[i][t] for i in range(len(p)) for t in range(len(p[i])) if m[i][t]) / max(num_tokens, 1.0)
+# ---- section 11 (catalogue): Clip-Cov, KL-Cov, SAPO, DPPO
+
+
+def _cov_lists(adv, logp, mask):
+    """verl: cov = (A − mean A)·(ℓ − mean ℓ) over the valid tokens. Returns (cov [b][t], valid (i, j) row-major)."""
+    ad, lp, m = adv.tolist(), logp.tolist(), mask.tolist()
+    b, t = mask.shape
+    valid = [(i, j) for i in range(b) for j in range(t) if m[i][j]]
+    cov = [[0.0] * t for _ in range(b)]
+    if not valid:
+        return cov, valid
+    mean_a = sum(ad[i][j] for i, j in valid) / len(valid)
+    mean_l = sum(lp[i][j] for i, j in valid) / len(valid)
+    for i, j in valid:
+        cov[i][j] = (ad[i][j] - mean_a) * (lp[i][j] - mean_l)
+    return cov, valid
+
+
+def clip_cov_select(adv, logp, mask, clipped, *, ratio, cov_lb, cov_ub, generator):
+    """verl compute_policy_loss_clip_cov: candidates = valid, not clipped, cov_lb < cov < cov_ub (row-major,
+    as torch.nonzero); clip_num = max(int(ratio·N), 1); perm = randperm(#candidates)[:clip_num]."""
+    cov, valid = _cov_lists(adv, logp, mask)
+    cl = clipped.tolist()
+    cands = [(i, j) for i, j in valid if not cl[i][j] and cov_lb < cov[i][j] < cov_ub]
+    clip_num = max(int(ratio * len(valid)), 1)
+    out = torch.zeros(mask.shape, dtype=torch.bool)
+    if cands:
+        perm = torch.randperm(len(cands), generator=generator).tolist()
+        for p in perm[: min(clip_num, len(cands))]:
+            out[cands[p]] = True
+    return out
+
+
+def kl_cov_select(adv, logp, mask, *, ratio):
+    """verl compute_policy_loss_kl_cov: the max(1, int(N·ratio)) valid tokens of largest cov (ties: earlier first)."""
+    cov, valid = _cov_lists(adv, logp, mask)
+    out = torch.zeros(mask.shape, dtype=torch.bool)
+    if not valid:
+        return out
+    k = max(1, int(len(valid) * ratio))
+    order = sorted(range(len(valid)), key=lambda n: (-cov[valid[n][0]][valid[n][1]], n))
+    for n in order[:k]:
+        out[valid[n]] = True
+    return out
+
+
+def clip_cov(logp, old_logp, adv, mask, *, clip_low, clip_high, dual_clip_c=None, ratio, cov_lb, cov_ub, generator):
+    """PPO clip (section 2) with Clip-Cov: the chosen tokens' loss × 0 (verl's corr). Returns (per_tok, chosen)."""
+    per_tok, lo, hi, du = ppo_clip(logp, old_logp, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c)
+    chosen = clip_cov_select(adv, logp, mask, lo | hi | du, ratio=ratio, cov_lb=cov_lb, cov_ub=cov_ub, generator=generator)
+    b, t = mask.shape
+    for i in range(b):
+        for j in range(t):
+            if chosen[i, j]:
+                per_tok[i, j] = 0.0
+    return per_tok, chosen
+
+
+def kl_cov(logp, old_logp, adv, mask, *, kl_cov_ratio, kl_cov_coef, penalised=None):
+    """−A·ρ on every valid token, + coef·|ℓ − ℓ°| on the selected ones. Returns (per_tok, penalised)."""
+    if penalised is None:
+        penalised = kl_cov_select(adv, logp, mask, ratio=kl_cov_ratio)
+    lp, op, ad, m, pen = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist(), penalised.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        for j in range(t):
+            if m[i][j]:
+                d = _clamp(lp[i][j] - op[i][j], -CLAMP, CLAMP)
+                out[i, j] = -ad[i][j] * math.exp(d) + (kl_cov_coef * abs(d) if pen[i][j] else 0.0)
+    return out, penalised
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def sapo(logp, old_logp, adv, mask, *, tau_pos, tau_neg):
+    """TRL loss_type='sapo': −A·σ(τ(ρ − 1))·4/τ, τ = τ_pos if A > 0 else τ_neg. Returns (per_tok, dper_tok/dℓ)."""
+    lp, op, ad, m = logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    grad = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        for j in range(t):
+            if m[i][j]:
+                d = lp[i][j] - op[i][j]
+                rho = math.exp(_clamp(d, -CLAMP, CLAMP))
+                a = ad[i][j]
+                tau = tau_pos if a > 0 else tau_neg
+                s = _sigmoid(tau * (rho - 1.0))
+                out[i, j] = -a * s * 4.0 / tau
+                # d/dℓ: σ'(τ(ρ−1))·τ·ρ·4/τ = 4σ(1−σ)ρ (0 where the clamp is active)
+                grad[i, j] = -a * 4.0 * s * (1.0 - s) * rho if -CLAMP < d < CLAMP else 0.0
+    return out, grad
+
+
+def dppo_mask(logp, old_logp, mask, *, delta):
+    """True where a valid token's ratio ρ = exp(ℓ − ℓ°) leaves [1/δ, δ] (any sign of A)."""
+    lp, op, m = logp.tolist(), old_logp.tolist(), mask.tolist()
+    b, t = mask.shape
+    out = torch.zeros(b, t, dtype=torch.bool)
+    for i in range(b):
+        for j in range(t):
+            if m[i][j]:
+                rho = math.exp(_clamp(lp[i][j] - op[i][j], -CLAMP, CLAMP))
+                out[i, j] = rho < 1.0 / delta or rho > delta
+    return out

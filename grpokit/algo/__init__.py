@@ -12,6 +12,7 @@ from grpokit.algo.credit import CREDIT, SEQ_WEIGHTS
 from grpokit.algo.distill import DISTILL
 from grpokit.algo.kl import KL
 from grpokit.algo.losses import LOSSES
+from grpokit.algo.masks import TOKEN_MASKS
 from grpokit.algo import process as _process  # noqa: F401  (registers credit 'process', SPEC 13)
 from grpokit.algo.registry import Registry
 
@@ -26,7 +27,8 @@ REGISTRIES: dict[str, Registry] = {
     "adv_transform": ADV_TRANSFORMS,
     "kl_weight": KL_WEIGHTS,
     "correction": CORRECTIONS,
+    "token_mask": TOKEN_MASKS,
 }
 
 __all__ = ["ADVANTAGES", "CREDIT", "LOSSES", "AGGREGATIONS", "KL", "SEQ_WEIGHTS", "DISTILL", "ADV_TRANSFORMS", "KL_WEIGHTS",
-           "CORRECTIONS", "REGISTRIES", "Registry"]
+           "CORRECTIONS", "TOKEN_MASKS", "REGISTRIES", "Registry"]

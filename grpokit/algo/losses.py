@@ -20,7 +20,7 @@ from grpokit.algo.constants import LOG_RATIO_CLAMP
 from grpokit.algo.masked import to_f32
 from grpokit.algo.registry import Registry
 
-__all__ = ["LOSSES", "ppo_clip", "gspo", "cispo", "ppo_kl", "clipped_log_ratio", "masked_advantage"]
+__all__ = ["LOSSES", "ppo_clip", "gspo", "cispo", "sapo", "kl_cov", "ppo_kl", "clipped_log_ratio", "masked_advantage"]
 
 LOSSES = Registry("loss")
 
@@ -188,3 +188,88 @@ def ppo_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> to
     """
     diff = to_f32(old_logp).detach() - to_f32(logp).detach()  # [B,T]
     return torch.where(mask, diff, torch.zeros_like(diff))  # [B,T]
+
+
+# ---------------------------------------------------------------------------- SPEC section 11 (catalogue)
+
+
+@LOSSES.register("sapo", ignores=("clip_low", "clip_high", "dual_clip_c"))
+def sapo(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+) -> tuple[torch.Tensor, Stats]:
+    """SAPO: a smooth, temperature-controlled gate on the ratio instead of the hard clip.
+
+    Soft Adaptive Policy Optimization (Qwen, arXiv 2511.20347); TRL `loss_type="sapo"` (grpo_trainer.py):
+    per_tok = −A·σ(τ·(ρ − 1))·4/τ, ρ = exp(clamp(ℓ − ℓ°, ±20)), τ = τ_pos where A > 0 and τ_neg where
+    A ≤ 0 (TRL's `advantages > 0`). The 4/τ is part of the gate f(ρ) = σ(τ(ρ−1))·4/τ, so its gradient is
+    −A·w·ρ·∇ℓ with w = 4σ(1−σ) ∈ (0, 1]: at ρ = 1, w = 1 and the gradient is the unclipped policy
+    gradient −A·∇ℓ (the loss value there is −2A/τ, not −A). Far from ρ = 1 the weight decays smoothly
+    (faster for τ_neg > τ_pos). No token is hard-clipped: the clip flags are all False, and the clip
+    keywords are declared only for the uniform signature (registered as ignored, so the config refuses them).
+    Aggregate with `seq_mean_token_mean` for the paper's (and TRL's) objective.
+    Shapes: logp, old_logp, adv [B,T], mask [B,T] bool -> (per_tok [B,T], stats with `sapo_gate` f32
+    [B,T], the weight w, 0 where masked).
+    """
+    if not (tau_pos > 0 and tau_neg > 0):
+        raise ValueError(f"SAPO temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    ratio = clipped_log_ratio(logp, old_logp, mask).exp()  # [B,T]
+    adv = masked_advantage(adv, mask)  # [B,T]
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))  # [B,T]
+    sig = torch.sigmoid(tau * (ratio - 1.0))  # [B,T]
+    pg = -adv * sig * (4.0 / tau)  # [B,T]
+    per_tok = torch.where(mask, pg, torch.zeros_like(pg))  # [B,T]
+    gate = (4.0 * sig * (1.0 - sig)).detach()  # [B,T] gradient weight relative to -A·ρ·∇ℓ
+    none = torch.zeros_like(mask)  # [B,T]
+    stats = {"clipped_low": none, "clipped_high": none, "dual_clipped": none,
+             "sapo_gate": torch.where(mask, gate, torch.zeros_like(gate)).float()}
+    return per_tok, stats
+
+
+@LOSSES.register("kl_cov", ignores=("clip_low", "clip_high", "dual_clip_c"))
+def kl_cov(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+    kl_cov_ratio: float = 2e-3,
+    kl_cov_coef: float = 1.0,
+    penalised: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """KL-Cov: no clipping; the max(⌊κ·N⌋, 1) tokens of largest covariance get + coef·|ℓ − ℓ°|.
+
+    arXiv 2505.22617 (The Entropy Mechanism of RL for Reasoning LMs), verl `compute_policy_loss_kl_cov`
+    (verl/trainer/ppo/core_algos.py): per_tok = −A·ρ, plus kl_cov_coef·|ℓ − ℓ°| on the selected tokens
+    (d = clamp(ℓ − ℓ°, ±20), ρ = e^d; the gradient of |d| is sign(d)·∇ℓ, 0 at d = 0). Selection
+    (`grpokit.algo.masks.kl_cov_select`): cov = (A − mean A)(sg ℓ − mean sg ℓ) over the loss tokens,
+    the k = max(⌊κ·N⌋, 1) largest. `penalised` [B,T] bool, when given, is that selection made by the
+    caller over a whole optimizer step (the trainer does, so the choice does not depend on the
+    micro-batch split); None selects over this call's tokens (verl's per-micro-batch rule).
+    κ = 2e-3 is the paper's recipe value (verl's recipes for 7B and 32B; verl's fallback is 2e-4). The clip
+    keywords are declared only for the uniform signature (registered as ignored: KL-Cov does not clip).
+    Shapes: logp, old_logp, adv [B,T], mask [B,T] bool, penalised [B,T] bool -> (per_tok [B,T], stats
+    with `kl_cov_penalised` bool [B,T]; the clip flags are all False).
+    """
+    from grpokit.algo.masks import kl_cov_select
+
+    d = clipped_log_ratio(logp, old_logp, mask)  # [B,T] with grad
+    adv = masked_advantage(adv, mask)  # [B,T]
+    if penalised is None:
+        penalised = kl_cov_select(adv, logp, mask, ratio=kl_cov_ratio)  # [B,T]
+    penalised = penalised.to(mask.device).bool() & mask  # [B,T]
+    pg = -adv * d.exp() + torch.where(penalised, kl_cov_coef * d.abs(), torch.zeros_like(d))  # [B,T]
+    per_tok = torch.where(mask, pg, torch.zeros_like(pg))  # [B,T]
+    none = torch.zeros_like(mask)  # [B,T]
+    return per_tok, {"clipped_low": none, "clipped_high": none, "dual_clipped": none, "kl_cov_penalised": penalised}

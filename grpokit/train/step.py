@@ -9,14 +9,15 @@ Shapes: B sequences, T response tokens (right-padded), P prompt tokens (left-pad
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 
-from grpokit.algo import ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, DISTILL, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS
+from grpokit.algo import ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, DISTILL, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS, TOKEN_MASKS
 from grpokit.algo.constants import LOG_RATIO_CLAMP
 from grpokit.algo.credit import cancellation_residual
 from grpokit.algo.masked import to_f32
-from grpokit.config import LOSS_HPARAMS, OFF_AT_ZERO, AlgoConfig
+from grpokit.config import LOSS_HPARAMS, OFF_AT_ZERO, TOKEN_MASK_HPARAMS, AlgoConfig
 
 CLIP_STATS = {"clipped_low": "clip/low", "clipped_high": "clip/high", "dual_clipped": "clip/dual"}
 
@@ -42,6 +43,7 @@ class Batch:
     kl_weight: torch.Tensor | None = None  # [B] f32 per-sequence KL-in-loss weight (algo.kl_weight, SPEC 11), or None = beta
     rollout_logp: torch.Tensor | None = None  # [B, T] f32 μ, the engine's log-probs (rollout correction, SPEC 12), or None
     is_weight: torch.Tensor | None = None  # [B, T] f32 stop-gradient rollout-correction weight w (SPEC 12), or None
+    cov_select: torch.Tensor | None = None  # [B, T] bool Clip-Cov / KL-Cov tokens chosen per optimizer step, or None
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """Rows `idx`, with columns trimmed to what those rows use (all-pad prompt columns, tail)."""
@@ -54,7 +56,7 @@ class Batch:
         sub["input_ids"] = sub["input_ids"][:, p_first : P + t_used]  # [b, P'+T']
         sub["attention_mask"] = sub["attention_mask"][:, p_first : P + t_used]  # [b, P'+T']
         for name in ("response_mask", "loss_mask", "token_adv", "old_logp", "ref_logp", "entropy", "teacher_logp",
-                     "rollout_logp", "is_weight"):
+                     "rollout_logp", "is_weight", "cov_select"):
             if sub[name] is not None:
                 sub[name] = sub[name][:, :t_used]  # [b, T']
         return Batch(**sub)
@@ -169,6 +171,96 @@ def resolved_loss_hparams(cfg: AlgoConfig) -> dict[str, object]:
     return {**LOSSES.defaults(cfg.loss), **loss_hparams(cfg)}
 
 
+def token_mask_hparams(cfg: AlgoConfig) -> dict[str, object]:
+    """The token-mask hyperparameters the user set (non-None AlgoConfig fields), under the masks' keyword names;
+    unset ones take the chosen mask's own defaults (SPEC 11)."""
+    return {kw: getattr(cfg, f) for f, kw in TOKEN_MASK_HPARAMS.items() if getattr(cfg, f) is not None}
+
+
+def covariance_selection_kind(cfg: AlgoConfig) -> str | None:
+    """'KL-Cov' when the loss takes a step-level `penalised` selection, 'Clip-Cov' when the token mask takes a
+    step-level `selected` one, else None (no per-optimizer-step choice is needed)."""
+    if "penalised" in (LOSSES.accepts(cfg.loss) or ()):
+        return "KL-Cov"
+    if "selected" in (TOKEN_MASKS.accepts(cfg.token_mask) or ()):
+        return "Clip-Cov"
+    return None
+
+
+def covariance_selection(
+    batch: Batch, logp: torch.Tensor | None, global_rows: torch.Tensor, *, cfg: AlgoConfig, seed: int,
+    reduce_sum: Callable[[list[float]], torch.Tensor] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
+) -> torch.Tensor:
+    """The tokens KL-Cov penalises or Clip-Cov detaches in one optimizer step: [B, T] bool, for `batch.cov_select`.
+
+    `batch` holds this rank's rows of the step (possibly none), `global_rows` [B] their global indices,
+    `logp` [B, T] their current log-probs from a no-grad pass (None: the policy has not moved, l = l_old).
+    cov = (A - mean A)(l - mean l) with the means over the step's loss tokens on every rank (`reduce_sum`
+    sums a list of floats over ranks), N = their count. KL-Cov: the max(floor(kappa*N), 1) largest cov,
+    ties by (global row, position). Clip-Cov: candidates are loss tokens that the loss (run here without
+    grad) does not already clip, with cov in (lb, ub), ordered by (global row, position) over all ranks
+    (`gather` collects one object per rank); max(floor(r*N), 1) of them are drawn by
+    torch.randperm under a generator seeded with `seed` (`masks.selection_seed(run seed, step, update)`).
+    The choice depends on neither the micro-batch split nor the number of ranks, and repeats on resume.
+    With A = the loss's token advantage (FRPO's recomputed one when algo.kl_source = 'current').
+    """
+    from grpokit.algo.masks import (
+        choose_random, choose_top, clip_cov_candidates, clip_cov_count, kl_cov_count, token_covariance,
+    )
+
+    reduce_sum = reduce_sum or (lambda v: torch.tensor(v, dtype=torch.float64))
+    gather = gather or (lambda obj: [obj])
+    kind = covariance_selection_kind(cfg)
+    mask = batch.loss_mask  # [B, T]
+    lp = to_f32(batch.old_logp if logp is None else logp).detach()  # [B, T]
+    adv = batch.token_adv  # [B, T]
+    if cfg.kl_source == "current" and mask.shape[0]:
+        adv = token_credit(batch.seq_adv, batch.response_mask, cfg=cfg, old_logp=lp, ref_logp=batch.ref_logp)  # [B, T]
+    adv = torch.where(mask, to_f32(adv), torch.zeros_like(lp))  # [B, T]
+    lpm = torch.where(mask, lp, torch.zeros_like(lp))  # [B, T]
+    sums = reduce_sum([float(adv.double().sum()), float(lpm.double().sum()), float(mask.sum())])
+    n = int(round(float(sums[2])))
+    cov = token_covariance(adv, lp, mask, mean_adv=float(sums[0]) / max(n, 1), mean_logp=float(sums[1]) / max(n, 1))  # [B, T]
+    rows = global_rows.tolist()
+    where = {r: b for b, r in enumerate(rows)}  # global row -> local row
+    out = torch.zeros(mask.shape, dtype=torch.bool)  # [B, T]
+    if kind == "KL-Cov":
+        k = kl_cov_count(n, float(resolved_loss_hparams(cfg)["kl_cov_ratio"]))
+        idx = mask.flatten().nonzero().squeeze(1)  # [N_local]
+        top = idx[choose_top(cov.flatten()[idx], k)] if idx.numel() else idx  # local top-k: holds the global one
+        T = mask.shape[1]
+        mine = [(c, rows[i // T], i % T) for c, i in zip(cov.flatten()[top].tolist(), top.tolist())]
+        pool = sorted((c for part in gather(mine) for c in part), key=lambda c: (-c[0], c[1], c[2]))
+        chosen = {(r, t) for _, r, t in pool[:k]}
+    else:
+        hp = loss_hparams(cfg)
+        if batch.seq_weight is not None:
+            hp["seq_ratio"] = batch.seq_weight  # [B]
+        with torch.no_grad():
+            _, s = LOSSES.call_strict(cfg.loss, lp, batch.old_logp, adv, mask, **hp)
+        clipped = s["clipped_low"] | s["clipped_high"] | s["dual_clipped"]  # [B, T]
+        mh = {**TOKEN_MASKS.defaults(cfg.token_mask), **token_mask_hparams(cfg)}
+        cand = clip_cov_candidates(cov, mask, clipped, cov_lb=float(mh["cov_lb"]), cov_ub=float(mh["cov_ub"]))  # [B, T]
+        # the global candidate order is (global row, position): exchange only each row's candidate count
+        counts = cand.sum(1).tolist()  # [B]
+        per_row = sorted(rc for part in gather([(rows[b], c) for b, c in enumerate(counts) if c]) for rc in part)
+        ends = torch.tensor([c for _, c in per_row], dtype=torch.long).cumsum(0)  # [R] inclusive
+        g = torch.Generator().manual_seed(seed)
+        picks = choose_random(int(ends[-1]) if len(per_row) else 0, clip_cov_count(n, float(mh["ratio"])), g)  # [k']
+        owner = torch.searchsorted(ends, picks, right=True)  # [k'] index into per_row
+        chosen = set()
+        for p, o in zip(picks.tolist(), owner.tolist()):
+            r = per_row[o][0]
+            if r in where:
+                offset = p - (int(ends[o - 1]) if o else 0)  # the offset-th candidate of row r, by position
+                chosen.add((r, int(cand[where[r]].nonzero()[offset, 0])))
+    for r, t in chosen:
+        if r in where:
+            out[where[r], t] = True
+    return out  # [B, T]
+
+
 def needs_sequence_weights(cfg: AlgoConfig) -> bool:
     """Whether each optimizer step needs `sequence_weights` first (algo.seq_weight is not 'none')."""
     return cfg.seq_weight != "none"
@@ -276,7 +368,19 @@ def micro_batch_loss(
         token_adv, distill_tok = DISTILL.call(
             cfg.distill, logp, batch.teacher_logp, token_adv, mask, old_logp=batch.old_logp, ref_logp=batch.ref_logp,
             row_coef=batch.distill_coef, lam=cfg.gopd_lambda, outcome_weight=cfg.gopd_outcome_weight)  # [b, T'] x 2
+    kind = covariance_selection_kind(cfg)
+    if kind is not None and batch.cov_select is None:
+        raise ValueError(
+            f"{kind} chooses its tokens over a whole optimizer step: the trainer must set batch.cov_select[rows] = "
+            "step.covariance_selection(batch.select(rows), logp, ...) for each mini-batch (see grpokit.train.update)"
+        )
+    if kind == "KL-Cov":
+        hp["penalised"] = batch.cov_select  # [b, T']
     per_tok, s = LOSSES.call_strict(cfg.loss, logp, batch.old_logp, token_adv, mask, **hp)  # [b, T']
+    clipped = s["clipped_low"] | s["clipped_high"] | s["dual_clipped"]  # [b, T'] gradient already stopped
+    keep, ms = TOKEN_MASKS.call(cfg.token_mask, logp, batch.old_logp, token_adv, mask, clipped,
+                                **token_mask_hparams(cfg), selected=batch.cov_select)  # [b, T']
+    per_tok = torch.where(keep, per_tok, torch.zeros_like(per_tok))  # [b, T'] masked: value and gradient 0 (SPEC 11)
     if batch.is_weight is not None:  # rollout correction (SPEC 12): stop-gradient w on the policy term; N_tok unchanged
         per_tok = per_tok * batch.is_weight.detach().to(per_tok.dtype)  # [b, T']
     if distill_tok is not None:
@@ -298,6 +402,12 @@ def micro_batch_loss(
         stats.add("distill/loss_term", distill_tok, fm)
     for key, name in CLIP_STATS.items():
         stats.add(name, s[key].float(), fm)
+    if cfg.token_mask != "none":  # the fraction of loss tokens the mask removed
+        stats.add(f"mask/{cfg.token_mask}", ms["masked"].float(), fm)
+    for key in s:  # SPEC 11 losses' per-token statistics: kl_cov/penalised, sapo/gate
+        for prefix in ("kl_cov_", "sapo_"):
+            if key.startswith(prefix):
+                stats.add(prefix[:-1] + "/" + key[len(prefix):], s[key].float(), fm)
     fipo_keys = [k for k in s if k.startswith("fipo_")]
     if fipo_keys:
         hp_all = resolved_loss_hparams(cfg)

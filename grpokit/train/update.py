@@ -24,6 +24,7 @@ from grpokit.train.step import (
     sequence_advantages, sequence_kl_weights, sequence_weights, token_credit, transform_needs_old_logprobs,
     transformed_advantages,
 )
+from grpokit.train.step import covariance_selection, covariance_selection_kind
 
 
 def score_tokens(ctx: Any, module: Any, sub: Batch, *, entropy: bool = False) -> Any:
@@ -40,12 +41,14 @@ def recompute_old_logprobs(cfg: Any) -> bool:
     """Whether ℓ° needs its own pass before the update (SPEC 0, 12). Not when the only update of a rollout
     starts from the sampling weights and nothing before the update reads ℓ°: the loss then uses the
     detached current log-probs, which are ℓ° exactly. Credit other than 'broadcast' (FRPO's KL-to-go) and
-    KL-in-reward read ℓ° before the update, so they always get the pass."""
+    KL-in-reward read ℓ° before the update, so they always get the pass, and so do Clip-Cov and KL-Cov, whose
+    step-level choice (SPEC 11) reads ℓ° before the first micro-batch."""
     t, a = cfg.train, cfg.algo
     if is_bypass(cfg):  # rollout correction 'bypass' (SPEC 12): ℓ° := μ, never recomputed
         return False
     return (t.old_logprobs == "recompute" or t.updates_per_rollout > 1 or a.credit != "broadcast"
-            or (a.beta > 0 and a.kl_placement == "reward") or transform_needs_old_logprobs(a))
+            or (a.beta > 0 and a.kl_placement == "reward") or transform_needs_old_logprobs(a)
+            or covariance_selection_kind(a) is not None)
 
 
 def padded_plan(micro: list[torch.Tensor], rows: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
@@ -184,6 +187,20 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
             cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
             if len(mb):
                 batch.seq_weight[mb] = sequence_weights(step_rows, cur, cfg=c.algo).cpu()
+        if covariance_selection_kind(c.algo) is not None:  # Clip-Cov / KL-Cov: one choice per optimizer step (SPEC 11)
+            from grpokit.algo.masks import selection_seed
+
+            step_rows = batch.select(mb if len(mb) else torch.arange(1))
+            cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
+            mine = batch.select(mb)  # this rank's rows of the step (possibly none)
+            seed = selection_seed(c.train.seed, int(ctx.state["step"]), j, "cov")
+            sel = covariance_selection(mine, cur if len(mb) else None, global_row[mb], cfg=c.algo, seed=seed,
+                                       reduce_sum=dist.all_reduce_sum, gather=dist.all_gather_objects)  # [b, T']
+            if batch.cov_select is None:
+                batch.cov_select = torch.zeros(batch.loss_mask.shape, dtype=torch.bool)  # [B, T]
+            if len(mb):
+                batch.cov_select[mb] = False
+                batch.cov_select[mb, : sel.shape[1]] = sel
         ctx.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for k, (idx, weight) in enumerate(plan):

@@ -10,7 +10,7 @@ from grpokit.algo import REGISTRIES
 EXPECTED = {
     "advantage": ["batch_std", "dr_grpo", "grpo", "rloo"],
     "credit": ["broadcast", "frpo", "process"],
-    "loss": ["cispo", "fipo", "gspo", "ppo_clip"],
+    "loss": ["cispo", "fipo", "gspo", "kl_cov", "ppo_clip", "sapo"],
     "aggregation": ["seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm", "token_mean"],
     "kl": ["forward_kl", "k1", "k2", "k3"],
     "seq_weight": ["adv_orthogonal", "min_replace", "none"],
@@ -18,6 +18,7 @@ EXPECTED = {
     "adv_transform": ["ace", "none"],
     "kl_weight": ["apo", "constant"],
     "correction": ["geo_mask", "seq_mask", "seq_tis", "token_mask", "token_tis"],
+    "token_mask": ["clip_cov", "dppo", "none"],
 }
 KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/interfaces.md)
     "advantage": {"eps", "std"},
@@ -30,9 +31,10 @@ KEYWORDS = {  # the uniform keyword hyperparameters of each registry (docs/inter
     "adv_transform": {"old_logp", "ref_logp", "alpha"},
     "kl_weight": {"beta", "e"},
     "correction": {"low", "high"},
+    "token_mask": set(),
 }
 POSITIONAL = {"advantage": 2, "credit": 2, "loss": 4, "aggregation": 2, "kl": 2, "seq_weight": 3, "distill": 4,
-              "adv_transform": 2, "kl_weight": 4, "correction": 2}
+              "adv_transform": 2, "kl_weight": 4, "correction": 2, "token_mask": 5}
 
 
 def test_registries_and_exports():
@@ -61,7 +63,7 @@ def test_unknown_name_lists_valid_names():
         REGISTRIES["loss"].get("ppo_clipp")
     msg = str(err.value)
     assert "unknown loss 'ppo_clipp'" in msg and "did you mean 'ppo_clip'" in msg
-    assert "cispo, fipo, gspo, ppo_clip" in msg
+    assert "cispo, fipo, gspo, kl_cov, ppo_clip, sapo" in msg
     with pytest.raises(ValueError, match="valid names: batch_std, dr_grpo, grpo, rloo"):
         REGISTRIES["advantage"].call("ppo", torch.zeros(2), torch.zeros(2, dtype=torch.long))
 

@@ -34,7 +34,7 @@ def test_wrong_type_names_field() -> None:
 
 
 def test_unknown_registry_name_lists_valid() -> None:
-    with pytest.raises(ConfigError, match=r"algo.loss: unknown loss 'ppo'.*valid names: cispo, fipo, gspo, ppo_clip"):
+    with pytest.raises(ConfigError, match=r"algo.loss: unknown loss 'ppo'.*valid names: cispo, fipo, gspo, .*ppo_clip"):
         load_config(None, ["algo.loss=ppo"])
 
 
@@ -111,6 +111,11 @@ PAPER_LOSS_HPARAMS = {
     "dot": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},  # DAPO's
     "grpo_lambda": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO's
     "rapo": {"clip_low": 0.2, "clip_high": 0.2, "dual_clip_c": None},  # GRPO's
+    # SPEC 11 (catalogue)
+    "clip_cov": {"clip_low": 1.0, "clip_high": 1.0, "dual_clip_c": None},  # verl's entropy recipe (clip_cov reads no c)
+    "dppo": {"clip_low": 0.2, "clip_high": 0.28, "dual_clip_c": None},
+    "kl_cov": {"kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0},  # the paper's 7B/32B runs
+    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},  # the paper's and TRL's defaults
 }
 
 
@@ -229,3 +234,38 @@ def test_kl_source_current_needs_frpo() -> None:
     cfg = load_config(None, ["algo.credit=frpo", "algo.kl_placement=advantage", "algo.beta=0.01", "algo.std=population",
                              "algo.kl_source=current"])
     assert cfg.algo.kl_source == "current"
+
+
+# ------------------------------------------------------------------ SPEC 11 (catalogue): token masks and their fields
+
+
+def test_catalogue_fields_belong_to_their_loss_or_mask() -> None:
+    with pytest.raises(ConfigError, match=r"algo.clip_cov_ratio = 0.01 is set, but algo.token_mask = 'none' does not take it .*clip_cov"):
+        load_config(None, ["algo.clip_cov_ratio=0.01"])
+    with pytest.raises(ConfigError, match=r"algo.mask_delta = 4.0 is set, but algo.token_mask = 'clip_cov' does not take it .*dppo"):
+        load_config(None, ["algo.token_mask=clip_cov", "algo.mask_delta=4"])
+    with pytest.raises(ConfigError, match=r"algo.sapo_tau_pos = 2.0 is set, but algo.loss = 'ppo_clip' does not take it .*sapo"):
+        load_config(None, ["algo.sapo_tau_pos=2"])
+    with pytest.raises(ConfigError, match=r"algo.clip_high = 0.28 is set, but algo.loss = 'kl_cov' does not take it"):
+        load_config(None, ["algo.loss=kl_cov", "algo.clip_high=0.28", "train.updates_per_rollout=2"])
+    with pytest.raises(ConfigError, match=r"algo.token_mask: unknown token_mask 'clipcov'.*did you mean 'clip_cov'"):
+        load_config(None, ["algo.token_mask=clipcov"])
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["algo.token_mask=dppo", "algo.mask_delta=1"], r"algo.mask_delta must be a number > 1"),
+    (["algo.token_mask=clip_cov", "algo.clip_cov_ratio=0"], r"algo.clip_cov_ratio is a fraction of the tokens"),
+    (["algo.token_mask=clip_cov", "algo.clip_cov_lb=5", "algo.clip_cov_ub=1"], r"algo.clip_cov_lb < algo.clip_cov_ub"),
+    (["algo.loss=kl_cov", "algo.kl_cov_ratio=2", "train.updates_per_rollout=2"], r"algo.kl_cov_ratio is a fraction"),
+    (["algo.loss=sapo", "algo.sapo_tau_neg=0", "train.updates_per_rollout=2"], r"algo.sapo_tau_neg must be a number > 0"),
+    (["algo.loss=kl_cov", "algo.token_mask=clip_cov", "train.updates_per_rollout=2"], r"both select tokens by covariance"),
+])
+def test_catalogue_values_out_of_range_are_errors(sets: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)
+
+
+def test_sapo_and_kl_cov_with_one_update_warn() -> None:
+    for loss in ("sapo", "kl_cov"):
+        with pytest.warns(UserWarning, match=r"reduce to the unclipped policy gradient; set train.updates_per_rollout >= 2"):
+            load_config(None, [f"algo.loss={loss}", "train.updates_per_rollout=1"])
