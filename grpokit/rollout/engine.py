@@ -68,6 +68,9 @@ class HFEngine:
     and a row's tokens do not depend on the rows that share its batch (or on the number of ranks).
     """
 
+    #: μ is the trainer's own forward: ℓ° up to float rounding in fp32 (False under bf16, set per instance)
+    exact_logprobs = True
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu",
                  precision: str = "fp32", shares_weights: bool = True) -> None:
         from grpokit.rollout.sampler import Sampler
@@ -75,6 +78,7 @@ class HFEngine:
         self.model = model
         self.device = device
         self.shares_weights = shares_weights
+        self.exact_logprobs = precision in (None, "fp32")
         self.sampler = Sampler(model, tokenizer, device=device, autocast_dtype=precision)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Rollout:
@@ -120,3 +124,7 @@ class EngineSampler:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stop_strings=tuple(stop_strings))
         return self.engine.generate(prompt_ids, params, seeds)
+
+
+# the vLLM engines ('vllm', 'vllm_server'); vLLM itself is imported only when one is built
+from grpokit.rollout import vllm_engine  # noqa: E402,F401
