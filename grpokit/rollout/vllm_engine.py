@@ -302,7 +302,7 @@ class LaunchedServer:
         self.cmd, self.log_path = cmd, log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     preexec_fn=_own_group_dies_with_parent)
         atexit.register(self.stop)
         deadline = time.monotonic() + startup_timeout_s
         while True:
@@ -341,6 +341,20 @@ class LaunchedServer:
         if not self.log.closed:
             self.log.close()
         atexit.unregister(self.stop)
+
+
+def _own_group_dies_with_parent() -> None:
+    """In the server's child process before exec: its own process group (so that `stop` can kill vLLM's
+    workers with it, and Ctrl-C in the terminal reaches only grpokit, which stops it), and on Linux SIGTERM
+    when grpokit dies without cleaning up (SIGKILL, a timeout's SIGTERM): no orphaned server holds the CPU."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
 
 
 def _healthy(url: str, *, timeout: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -249,3 +250,30 @@ def test_three_training_steps(engine: str, tmp_path: Path) -> None:
     assert max(float((after[k] - start[k]).abs().max()) for k in start) > 1e-3, "the policy did not move"
     servers = [p for p in psutil.Process().children(recursive=True) if "vllm.entrypoints" in " ".join(p.cmdline())]
     assert not servers, f"a vLLM server outlived the run: {servers}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launched_process_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """What keeps a launched server from outliving a grpokit killed without cleanup (SIGKILL, timeout's
+    SIGTERM): the child gets SIGTERM when its parent dies. Shown with `sleep` in place of the server."""
+    import subprocess
+
+    parent = (
+        "import os, subprocess, sys\n"
+        "from grpokit.rollout.vllm_engine import _own_group_dies_with_parent\n"
+        "p = subprocess.Popen(['sleep', '60'], preexec_fn=_own_group_dies_with_parent)\n"
+        "print(p.pid, flush=True)\n"
+        "os._exit(0)\n"  # no atexit, no finally: as if killed
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60, check=True)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
