@@ -102,6 +102,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         regs["task"] = TASKS
     except ImportError:
         pass
+    from grpokit.rollout.engine import ENGINES
+
+    regs["engine"] = ENGINES
     kinds = [args.kind] if args.kind else list(regs) + ["recipe"]
     for kind in kinds:
         if kind == "recipe":

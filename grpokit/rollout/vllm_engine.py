@@ -371,8 +371,9 @@ class _Retryable(Exception):
 
 @ENGINES.register("vllm_server")
 class VLLMServerEngine(_VLLMBase):
-    """An OpenAI-compatible vLLM server: launched on 127.0.0.1 (`rollout.server.launch`) or at
-    `rollout.server.url`. Requests: /v1/completions with prompt token ids, `logprobs: 0`, one seed per row,
+    """An OpenAI-compatible vLLM server, launched on 127.0.0.1 or already running (`rollout.server.url`).
+
+    Requests: /v1/completions with prompt token ids, `logprobs: 0`, one seed per row,
     `rollout.server.concurrency` in flight. A request that times out or loses its connection is retried with
     backoff (1, 2, 4 s ...); when a launched server has died it is started again from the last synced weights
     and the call is retried; an external server that cannot be reached fails with its URL and what to check."""
