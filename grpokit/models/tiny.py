@@ -61,8 +61,9 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A freshly initialised tiny Llama and its tokenizer; the weights depend only on ``seed``.
+def make_tiny(seed: int = 0, **shape: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A freshly initialised tiny Llama and its tokenizer; the weights depend only on ``seed`` (and ``shape``:
+    overrides of `TINY_SHAPE`, e.g. ``hidden_size=128`` for a head size of 32, which vLLM's CPU attention needs).
 
     The global torch RNG is left untouched (the init runs under ``torch.random.fork_rng``).
     """
@@ -74,7 +75,7 @@ def make_tiny(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        **TINY_SHAPE,
+        **{**TINY_SHAPE, **shape},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -70,6 +70,9 @@ class HFEngine:
     and a row's tokens do not depend on the rows that share its batch (or on the number of ranks).
     """
 
+    #: μ is the trainer's own forward: ℓ° up to float rounding in fp32 (False under bf16, set per instance)
+    exact_logprobs = True
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu",
                  precision: str = "fp32", shares_weights: bool = True) -> None:
         from grpokit.rollout.sampler import Sampler
@@ -78,6 +81,7 @@ class HFEngine:
         self.model = model
         self.device = device
         self.shares_weights = shares_weights
+        self.exact_logprobs = precision in (None, "fp32")
         self.sampler = Sampler(model, tokenizer, device=device, autocast_dtype=precision)
         # μ equals the trainer's ℓ° to fp32 rounding only when the sampler runs in fp32 (SPEC 12); the trainer reads
         # this to turn rollout correction on ('auto'). An engine without the attribute is taken as inexact.
@@ -126,3 +130,7 @@ class EngineSampler:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stop_strings=tuple(stop_strings))
         return self.engine.generate(prompt_ids, params, seeds)
+
+
+# the vLLM engines ('vllm', 'vllm_server'); vLLM itself is imported only when one is built
+from grpokit.rollout import vllm_engine  # noqa: E402,F401

@@ -172,9 +172,13 @@ def setup(cfg: Config, *, resume: str | Path | None = None, model: Any = None, t
     rollout_model = ref_model(model) if shard or cfg.rollout.async_rollouts else model
     shard_or_async = shard or cfg.rollout.async_rollouts
     wrapped = dist.wrap(model, cfg.dist.strategy, device)
+    from grpokit.rollout.engine import ENGINES
+
+    sections = {k: getattr(cfg.rollout, k) for k in getattr(ENGINES.get(cfg.rollout.engine), "config_sections", ())}
+    extra = {**sections, "seed": cfg.train.seed} if sections else {}  # the vLLM engines' rollout.vllm/.server
     engine = build_engine(cfg.rollout.engine, rollout_model, tokenizer, device=device,
                           precision=cfg.model.precision if cfg.rollout.precision == "same" else cfg.rollout.precision,
-                          shares_weights=not shard_or_async)
+                          shares_weights=not shard_or_async, **extra)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay, foreach=False)

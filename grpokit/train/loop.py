@@ -79,6 +79,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, **objects: Any) -> P
     """Run a whole training job; returns the run directory. `objects` (model, tokenizer, task,
     reward_funcs) replace what the config names, see `setup`."""
     ctx = setup(cfg, resume=resume, **objects)
+    try:
+        return _train(ctx, cfg)
+    finally:
+        ctx.engine.close()  # a vLLM engine frees its memory and stops its server, on errors and Ctrl-C too
+
+
+def _train(ctx: Context, cfg: Config) -> Path:
     c = cfg.train
     say = print if dist.is_main() else (lambda *a, **k: None)
     say(f"grpokit: run directory {ctx.run_dir}")
