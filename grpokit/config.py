@@ -375,13 +375,6 @@ def _check_loss_hparams(a: AlgoConfig, losses: Any) -> None:
 def _check_distill(cfg: Config) -> None:
     """algo.distill needs a teacher, and its coefficients must be usable numbers (docs/catalogue.md)."""
     a, m = cfg.algo, cfg.model
-    from grpokit.algo import DISTILL
-
-    if a.distill not in DISTILL:
-        try:
-            DISTILL.get(a.distill)
-        except ValueError as e:
-            raise ConfigError(f"algo.distill: {e}") from None
     if a.distill != "none" and not m.teacher:
         raise ConfigError(
             f"algo.distill = '{a.distill}' distils from a teacher model, but model.teacher is not set; set model.teacher "
@@ -406,14 +399,6 @@ def _check_distill(cfg: Config) -> None:
 def _check_catalogue(cfg: Config) -> None:
     """SPEC 11's options (docs/catalogue.md): names, ranges and the combinations they need."""
     a, r = cfg.algo, cfg.rollout
-    from grpokit.algo import ADV_TRANSFORMS, KL_WEIGHTS
-
-    for reg, name, where in [(ADV_TRANSFORMS, a.adv_transform, "algo.adv_transform"), (KL_WEIGHTS, a.kl_weight, "algo.kl_weight")]:
-        if name not in reg:
-            try:
-                reg.get(name)
-            except ValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
     if a.adv_transform == "ace" and not (math.isfinite(a.ace_alpha) and a.ace_alpha > 0):
         raise ConfigError(f"algo.ace_alpha must be a number > 0 with algo.adv_transform = 'ace', got {a.ace_alpha}")
     if a.kl_weight != "constant" and not (a.beta > 0 and a.kl_placement == "loss"):
@@ -510,10 +495,21 @@ def _check_token_mask(a: AlgoConfig, masks: Any, losses: Any) -> None:
         )
 
 
+def check_registered(reg: Any, name: str, where: str) -> None:
+    """A ConfigError naming the field `where` (and the close matches) when `name` is not in registry `reg`."""
+    if name not in reg:
+        try:
+            reg.get(name)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
 def validate(cfg: Config) -> list[str]:
     """Raise ConfigError on impossible combinations; return (and emit) warnings for useless ones."""
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    from grpokit.algo import ADVANTAGES, AGGREGATIONS, CREDIT, KL, LOSSES, SEQ_WEIGHTS, TOKEN_MASKS
+    from grpokit.algo import (
+        ADV_TRANSFORMS, ADVANTAGES, AGGREGATIONS, CREDIT, DISTILL, KL, KL_WEIGHTS, LOSSES, SEQ_WEIGHTS, TOKEN_MASKS,
+    )
 
     from grpokit.rollout.engine import ENGINES
     from grpokit.transforms import TRANSFORMS
@@ -523,13 +519,10 @@ def validate(cfg: Config) -> list[str]:
         (ADVANTAGES, a.advantage, "algo.advantage"), (LOSSES, a.loss, "algo.loss"),
         (AGGREGATIONS, a.aggregation, "algo.aggregation"), (CREDIT, a.credit, "algo.credit"),
         (KL, a.kl_estimator, "algo.kl_estimator"), (SEQ_WEIGHTS, a.seq_weight, "algo.seq_weight"),
-        (TOKEN_MASKS, a.token_mask, "algo.token_mask"),
+        (TOKEN_MASKS, a.token_mask, "algo.token_mask"), (DISTILL, a.distill, "algo.distill"),
+        (ADV_TRANSFORMS, a.adv_transform, "algo.adv_transform"), (KL_WEIGHTS, a.kl_weight, "algo.kl_weight"),
     ]:
-        if name not in reg:
-            try:
-                reg.get(name)
-            except ValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
+        check_registered(reg, name, where)
     choices = {
         "algo.std": (a.std, ("unbiased", "population")),
         "algo.kl_placement": (a.kl_placement, ("loss", "reward", "advantage")),

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, get_type_hints
 
 from grpokit.config import (
-    ConfigError, DataConfig, ModelConfig, RewardsConfig, RolloutConfig, build, doc, read_recipe, save_config,
+    ConfigError, DataConfig, ModelConfig, RewardsConfig, RolloutConfig, build, check_registered, doc, read_recipe,
+    save_config,
 )
 
 __all__ = [
@@ -114,11 +115,7 @@ def validate_sample(cfg: SampleConfig) -> None:
     from grpokit.rollout.engine import ENGINES
 
     s, r = cfg.sample, cfg.rollout
-    if r.engine not in ENGINES:
-        try:
-            ENGINES.get(r.engine)
-        except ValueError as e:
-            raise ConfigError(f"rollout.engine: {e}") from None
+    check_registered(ENGINES, r.engine, "rollout.engine")
     choices = {
         "sample.split": (s.split, ("train", "heldout")),
         "sample.order": (s.order, ("shortest", "random")),
