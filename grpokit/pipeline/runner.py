@@ -33,6 +33,7 @@ import difflib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ PIPELINE_FILE = "pipeline.json"
 SUMMARY_FILE = "summary.json"
 SUMMARY_MD = "summary.md"
 TOP_KEYS = ("recipe", "pipeline", "eval", "stages")
-PIPELINE_KEYS = ("base", "dir", "threads")
+PIPELINE_KEYS = ("base", "dir", "threads", "keep_checkpoints")
 #: Keys of a `[[stages]]` entry that are links, not config tables (a string `model`/`data` is a link).
 LINK_KEYS = ("kind", "name", "model", "data", "traces", "from", "dataset")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,6 +69,7 @@ class PipelineConfig:
     eval: EvalConfig
     stages: list[StageSpec]
     raw: dict[str, Any] = field(default_factory=dict)  # the whole resolved recipe (saved as pipeline.json)
+    keep_checkpoints: bool = True       # false: a finished stage's checkpoints/ is deleted (its final/ stays)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -131,8 +133,11 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
         raise ConfigError("'eval' must be a table: [eval] with data.task, data.heldout_size, rollout.max_new_tokens, ...")
     eval_cfg = load_eval_config(eval_table, where="eval")
     stages = _parse_stages(raw.get("stages"), eval_table)
+    keep = pipe.get("keep_checkpoints", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"pipeline.keep_checkpoints must be true or false, got {keep!r}")
     cfg = PipelineConfig(recipe=recipe, dir=Path(pipe["dir"]), base=base, threads=int(pipe.get("threads", 0)),
-                         eval_table=eval_table, eval=eval_cfg, stages=stages, raw=raw)
+                         eval_table=eval_table, eval=eval_cfg, stages=stages, raw=raw, keep_checkpoints=keep)
     _check_links(cfg)
     return cfg
 
@@ -355,6 +360,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             write_marker(run_dir, {"kind": spec.kind, "name": spec.name, "model_in": st["model_in"],
                                    "model_out": _rel(model_out, root), "seconds": seconds})
             st.update(status="done", seconds=seconds)
+            if not cfg.keep_checkpoints and (run_dir / "checkpoints").is_dir():
+                # a finished stage is skipped on resume and later stages read its final/: its optimizer-state
+                # checkpoints (1.6 GB each for a 135M model) serve nothing once the marker is written
+                shutil.rmtree(run_dir / "checkpoints")
         models[spec.name] = current = model_out
         if stage.dataset:
             datasets[spec.name] = run_dir / stage.dataset

@@ -65,9 +65,13 @@ def table(pipe: Path) -> list[dict[str, Any]]:
 
 def test_four_stage_pipeline_writes_one_row_per_model_and_skips_finished_stages(warm_tiny: str, tmp_path: Path, capsys) -> None:
     pipe = tmp_path / "pipe"
-    cfg = load_pipeline(data=recipe(warm_tiny, sft_data(tmp_path), eval_stage=True), dir=pipe)
+    data = recipe(warm_tiny, sft_data(tmp_path), eval_stage=True)
+    data["pipeline"]["keep_checkpoints"] = False
+    cfg = load_pipeline(data=data, dir=pipe)
     run_pipeline(cfg)
     rows = table(pipe)
+    for d in ("01-sft", "02-grpo", "04-rs-sft"):  # checkpoints of finished stages deleted, final/ kept
+        assert not (pipe / d / "checkpoints").exists() and (pipe / d / "final" / "model.safetensors").exists()
     assert [r["model"] for r in rows] == ["base", "sft", "grpo", "rs-sft"]  # one row per model state
     for r in rows:
         assert r["n"] == 15 and 0.0 <= r["ci"][0] <= r["acc"] <= r["ci"][1] <= 1.0
