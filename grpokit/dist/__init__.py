@@ -144,6 +144,16 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> Any:
     return contextlib.nullcontext()
 
 
+def gather_rows(*columns: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Every rank's rows of `columns` (1-D tensors of this rank's B rows), concatenated in rank order, and the
+    offset of this rank's first row in them: a batch-wide computation on the result, sliced back with
+    `[start : start + B]`, sees the whole global batch. A collective: every rank must call it."""
+    parts = all_gather_objects(tuple(c.tolist() for c in columns))
+    out = [torch.tensor([x for p in parts for x in p[i]], dtype=c.dtype) for i, c in enumerate(columns)]
+    start = sum(len(p[0]) for p in parts[: rank()])
+    return out, start
+
+
 def all_reduce_min_max(values: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     """Per name (min, max) over ranks; names missing on some rank are taken from the ranks that have them."""
     parts = all_gather_objects(values)

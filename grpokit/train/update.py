@@ -78,11 +78,7 @@ def global_advantages(ctx: Any, rewards: torch.Tensor, group_ids: torch.Tensor, 
     """Advantages over every rank's rows (batch-wide estimators see the whole batch); a row not counted (a
     skipped reward error, a placeholder) is left out of its group's statistics and gets 0.
     rewards [B], group_ids [B] (global), counted [B] bool -> [B]."""
-    parts = dist.all_gather_objects((rewards.tolist(), group_ids.tolist(), counted.tolist()))
-    all_r = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float32)  # [N]
-    all_g = torch.tensor([x for p in parts for x in p[1]], dtype=torch.long)  # [N]
-    all_v = torch.tensor([x for p in parts for x in p[2]], dtype=torch.bool)  # [N]
-    start = sum(len(p[0]) for p in parts[: dist.rank()])
+    (all_r, all_g, all_v), start = dist.gather_rows(rewards.float(), group_ids.long(), counted.bool())  # [N] each
     adv = sequence_advantages(all_r, all_g, cfg=ctx.cfg.algo, valid=all_v)  # [N]
     return adv[start : start + len(rewards)]  # [B]
 
@@ -180,18 +176,18 @@ def update(ctx: Any, batch: Batch, global_row: torch.Tensor) -> tuple[dict[str, 
         micro = plan_microbatches(lengths[mb], micro_batch_size=c.train.micro_batch_size,
                                   max_tokens=c.train.max_tokens_per_microbatch) if len(mb) else []
         plan = padded_plan(micro, mb if len(mb) else torch.arange(1))
-        if needs_sequence_weights(c.algo):  # GSPO's transformed s_i over the whole step, before its micro-batches
+        step_level = needs_sequence_weights(c.algo), covariance_selection_kind(c.algo) is not None
+        if any(step_level):  # step-level choices read ℓ at the step's weights: one no-grad pass serves both
+            step_rows = batch.select(mb if len(mb) else torch.arange(1))
+            cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
+        if step_level[0]:  # GSPO's transformed s_i over the whole step, before its micro-batches
             if batch.seq_weight is None:
                 batch.seq_weight = torch.ones(len(global_row))  # [B]
-            step_rows = batch.select(mb if len(mb) else torch.arange(1))
-            cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
             if len(mb):
                 batch.seq_weight[mb] = sequence_weights(step_rows, cur, cfg=c.algo).cpu()
-        if covariance_selection_kind(c.algo) is not None:  # Clip-Cov / KL-Cov: one choice per optimizer step (SPEC 11)
+        if step_level[1]:  # Clip-Cov / KL-Cov: one choice per optimizer step (SPEC 11)
             from grpokit.algo.masks import selection_seed
 
-            step_rows = batch.select(mb if len(mb) else torch.arange(1))
-            cur = None if j == 0 else logprob_pass(ctx, ctx.model, step_rows, micro if len(mb) else [])[0]
             mine = batch.select(mb)  # this rank's rows of the step (possibly none)
             seed = selection_seed(c.train.seed, int(ctx.state["step"]), j, "cov")
             sel = covariance_selection(mine, cur if len(mb) else None, global_row[mb], cfg=c.algo, seed=seed,

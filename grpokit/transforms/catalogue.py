@@ -86,12 +86,7 @@ def grpo_lambda(batch: ScoredBatch, *, cfg: Any) -> ScoredBatch:
     """
     a, sc = cfg.algo, batch.scores
     lengths = batch.rollout.response_mask.sum(1)  # [B]
-    parts = dist.all_gather_objects((batch.group_key.tolist(), lengths.tolist(), sc.correct.tolist(), sc.valid.tolist()))
-    keys = torch.tensor([k for p in parts for k in p[0]], dtype=torch.long)  # [N]
-    L = torch.tensor([x for p in parts for x in p[1]], dtype=torch.long)  # [N]
-    ok = torch.tensor([x for p in parts for x in p[2]], dtype=torch.bool)  # [N]
-    valid = torch.tensor([x for p in parts for x in p[3]], dtype=torch.bool)  # [N]
-    start = sum(len(p[0]) for p in parts[: dist.rank()])
+    (keys, L, ok, valid), start = dist.gather_rows(batch.group_key.long(), lengths.long(), sc.correct.bool(), sc.valid.bool())  # [N] each
     pen = grpo_lambda_penalty(L, ok, valid, keys, frac=a.grpo_lambda_frac, alpha=a.grpo_lambda_alpha)[start : start + len(batch)]  # [B]
     pen = pen.to(sc.total.dtype)  # [B]
     per = {**sc.per_function, "length_penalty": [float(-x) for x in pen.tolist()]}
