@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_data_parallel import assert_same_metrics, assert_same_weights, metrics, overrides, run, setup_dir, start, weights  # noqa: F401
+from test_data_parallel import one_and_two_ranks, setup_dir, start  # noqa: F401  (fixtures)
 
 CASES = {
     # the top half of the groups by accuracy, chosen over the global batch; 3 prompts on 2 ranks: uneven rows;
@@ -20,15 +20,8 @@ CASES = {
 @pytest.mark.slow  # about 20-25 s a case on 2 cores (two training runs)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_two_ranks_with_catalogue_options_match_one_process(setup_dir: Path, start: dict, case: str) -> None:
-    extra = CASES[case]
-    single = {k: v for k, v in extra.items() if k != "dist.strategy"}
-    one, two = setup_dir / f"{case}-1", setup_dir / f"{case}-2"
-    run(setup_dir, overrides(setup_dir, one, **single))
-    run(setup_dir, overrides(setup_dir, two, **extra), nproc=2)
-    assert_same_weights(weights(two), weights(one), start)
-    assert_same_metrics(metrics(two), metrics(one))
+    rows, ref = one_and_two_ranks(setup_dir, start, case, CASES[case])
     if case.startswith("grpo_lambda"):
-        rows, ref = metrics(two), metrics(one)
         assert any(r["reward/length_penalty/mean"] < 0 for r in ref), "no answer was penalised: the check would be vacuous"
         for a, b in zip(rows, ref):
             assert a["reward/length_penalty/mean"] == pytest.approx(b["reward/length_penalty/mean"], rel=1e-5, abs=1e-7)

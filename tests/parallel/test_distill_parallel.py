@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_data_parallel import assert_same_metrics, assert_same_weights, metrics, overrides, run, setup_dir, start, weights  # noqa: F401
+from test_data_parallel import one_and_two_ranks, setup_dir, start  # noqa: F401  (fixtures)
 
 CASES = {
     # G-OPD with lambda != 1 reads the teacher and the reference; 3 prompts on 2 ranks: uneven row counts
@@ -29,14 +29,7 @@ def teacher_dir(setup_dir: Path) -> Path:
 @pytest.mark.slow  # about 20-25 s a case on 2 cores (two training runs)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_two_ranks_with_a_teacher_match_one_process(setup_dir: Path, start: dict, teacher_dir: Path, case: str) -> None:
-    extra = {"model.teacher": str(teacher_dir), **CASES[case]}
-    single = {k: v for k, v in extra.items() if k != "dist.strategy"}
-    one, two = setup_dir / f"{case}-1", setup_dir / f"{case}-2"
-    run(setup_dir, overrides(setup_dir, one, **single))
-    run(setup_dir, overrides(setup_dir, two, **extra), nproc=2)
-    assert_same_weights(weights(two), weights(one), start)
-    assert_same_metrics(metrics(two), metrics(one))
-    rows, ref = metrics(two), metrics(one)
+    rows, ref = one_and_two_ranks(setup_dir, start, case, {"model.teacher": str(teacher_dir), **CASES[case]})
     for a, b in zip(rows, ref):
         assert a["distill/kl_teacher"] > 0
         assert a["distill/kl_teacher"] == pytest.approx(b["distill/kl_teacher"], rel=1e-4, abs=1e-6)
