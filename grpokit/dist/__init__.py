@@ -106,12 +106,16 @@ def wrap(model: torch.nn.Module, strategy: str, device: str = "cpu") -> torch.nn
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         return DDP(model, device_ids=ids)
     if strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # the mesh names the training device: fully_shard's default mesh is the accelerator whenever one is
+        # visible, which would move a CPU (gloo) run's shards to the GPU
+        mesh = init_device_mesh("cuda" if device == "cuda" else "cpu", (world_size(),))
         layers = getattr(getattr(model, "model", model), "layers", None)
         for layer in layers or []:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"unknown dist.strategy '{strategy}'; valid: none, ddp, fsdp2")
 

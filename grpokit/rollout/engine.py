@@ -2,7 +2,9 @@
 
 An engine takes token-id prompts, sampling parameters and one seed per row, and returns a `Rollout`:
 the response tokens, their masks, whether each row was truncated, the texts, and the sampler's own
-per-token log-probs μ (SPEC 12), which the trainer keeps apart from its recomputed ℓ°. After every
+per-token log-probs μ (SPEC 12), which the trainer keeps apart from its recomputed ℓ°. The rollout's
+tensors are on the CPU whatever device the engine samples on: the trainer keeps its batch there and moves
+one micro-batch at a time to the model's device. After every
 optimizer step the trainer hands the engine the new weights (`load_weights`).
 An engine may set `exact_logprobs = True` when its μ equals the trainer's ℓ° to fp32 rounding (the hf
 engine in fp32); without it, rollout.correction = 'auto' turns the rollout correction on (SPEC 12).
@@ -94,7 +96,7 @@ class HFEngine:
         return self.sampler.generate(
             prompts, max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k, stop_strings=params.stop_strings, generator=generators,
-        )
+        ).to("cpu")
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.shares_weights:
@@ -126,7 +128,8 @@ class EngineSampler:
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_strings: Sequence[str] = (),
                  generator: torch.Generator | None = None) -> Rollout:
-        seeds = torch.randint(0, 2**62, (len(prompt_ids),), generator=generator).tolist()
+        device = generator.device if generator is not None else "cpu"  # a generator draws on its own device
+        seeds = torch.randint(0, 2**62, (len(prompt_ids),), generator=generator, device=device).tolist()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, stop_strings=tuple(stop_strings))
         return self.engine.generate(prompt_ids, params, seeds)

@@ -48,5 +48,10 @@ class Rollout:
         """[B] int64: number of real response tokens per row (EOS included)."""
         return self.response_mask.sum(dim=1)  # [B]
 
+    def to(self, device: str | torch.device) -> "Rollout":
+        """The same rollout with every tensor on `device` (the texts are shared)."""
+        return Rollout(*(getattr(self, f).to(device) for f in ("prompt_ids", "prompt_mask", "response_ids",
+                                                              "response_mask", "logprobs", "truncated")), self.texts)
+
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

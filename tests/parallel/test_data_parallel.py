@@ -71,7 +71,7 @@ def overrides(root: Path, run: Path, **extra: object) -> list[str]:
 
 def run(root: Path, args: list[str], nproc: int = 1, fail: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "grpokit", "train", *args]

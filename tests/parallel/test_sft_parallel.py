@@ -42,7 +42,7 @@ def sft(root: Path, run: Path, nproc: int, *extra: str) -> Path:
             "train.threads=1", "train.progress=false", "train.report=false", "train.tensorboard=false",
             f"train.run_dir={run}", *extra]
     args = ["-m", "grpokit", "sft", *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "PYTHONPATH": os.pathsep.join([str(DATA.parents[2]), os.environ.get("PYTHONPATH", "")])}
     if nproc == 1:

@@ -355,7 +355,7 @@ def test_data_parallel_model_scores_chunked_with_equal_gradients(tmp_path, strat
         port = s.getsockname()[1]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     root = str(here.parent.parent)  # this checkout's grpokit, not an installed one
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     if nproc == 1:  # one process needs no launcher: the env:// rendezvous variables suffice
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

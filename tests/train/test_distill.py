@@ -42,6 +42,7 @@ def test_teacher_stream_is_the_teachers_and_kdrl_picks_failed_rows(warm_tiny: st
     assert (batch.teacher_logp[~mask] == 0).all()
     # the stream is the teacher's scoring: an independently loaded copy gives the same numbers, the policy does not
     independent, _ = load_model(tiny_teacher)
+    independent.to(ctx.device)
     micro = [torch.arange(len(mask))]
     again, _ = logprob_pass(ctx, independent, batch, micro)
     torch.testing.assert_close(batch.teacher_logp, again, rtol=0, atol=1e-5)
