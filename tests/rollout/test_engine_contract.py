@@ -62,6 +62,8 @@ def test_same_seeds_same_valid_rollouts(name: str) -> None:
     assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
     c = engine.generate(prompts(tok), PARAMS, [s + 1 for s in seeds])
     assert not torch.equal(a.response_ids, c.response_ids), "other seeds must give other samples"
+    tensors = (a.prompt_ids, a.prompt_mask, a.response_ids, a.response_mask, a.logprobs, a.truncated)
+    assert all(t.device.type == "cpu" for t in tensors), "an engine returns its rollout on the CPU"
     lengths = a.response_mask.sum(1)  # [B]
     assert (lengths >= 1).all() and (lengths <= PARAMS.max_new_tokens).all()
     assert (a.logprobs[~a.response_mask] == 0).all() and (a.logprobs[a.response_mask] <= 0).all()
