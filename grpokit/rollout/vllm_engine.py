@@ -102,11 +102,17 @@ def merged_weights(named: Iterable[tuple[str, torch.Tensor]], scalings: dict[str
         yield name, w
 
 
-def write_policy(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """The policy (LoRA merged) as a Hugging Face checkpoint directory that vLLM can load."""
+def write_policy(model: torch.nn.Module, tokenizer: Any, path: Path, *, base_only: bool = False) -> None:
+    """The policy (LoRA merged; with `base_only` the base model, adapters left out) as a Hugging Face
+    checkpoint directory that vLLM can load."""
+    import copy
+
     from grpokit.models.lora import merged_copy
 
-    plain = merged_copy(model) if hasattr(model, "merge_and_unload") else model
+    if base_only and hasattr(model, "unload"):
+        plain = copy.deepcopy(model).unload()
+    else:
+        plain = merged_copy(model) if hasattr(model, "merge_and_unload") else model
     plain.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
@@ -118,6 +124,44 @@ def write_weights(named: Iterable[tuple[str, torch.Tensor]], path: Path, *, tied
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in named if not (tied and k == "lm_head.weight")}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+
+
+def adapter_state(named: Iterable[tuple[str, torch.Tensor]], adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The PEFT adapter's tensors as PEFT's save_pretrained names them in adapter_model.safetensors: the
+    lora_A / lora_B weights with the adapter name dropped (`...q_proj.lora_A.default.weight` ->
+    `...q_proj.lora_A.weight`)."""
+    out = {}
+    for k, v in named:
+        if ".lora_A." in k or ".lora_B." in k:
+            out[k.replace(f".{adapter}.", ".")] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def check_adapter_only(model: torch.nn.Module) -> str:
+    """The name of the one LoRA adapter, or a ValueError when the training updates something a LoRA adapter
+    on vLLM cannot carry (a trainable parameter that is not lora_A / lora_B, e.g. peft's modules_to_save)."""
+    names = list(getattr(model, "peft_config", {}) or {})
+    if len(names) != 1:
+        raise ValueError("rollout.vllm.lora_sync = 'adapter' needs a policy with exactly one PEFT LoRA adapter "
+                         f"(model.lora_r > 0); this one has {len(names)}: use rollout.vllm.lora_sync = 'merged'")
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+    if extra:
+        raise ValueError(f"rollout.vllm.lora_sync = 'adapter' sends only the LoRA A/B weights, but {len(extra)} other "
+                         f"parameters train (e.g. {extra[:3]}): the adapter cannot express that update; use "
+                         f"rollout.vllm.lora_sync = 'merged'")
+    return names[0]
+
+
+def write_adapter(state: dict[str, torch.Tensor], config_json: str, path: Path) -> None:
+    """A PEFT adapter directory (adapter_model.safetensors + adapter_config.json), as save_pretrained writes it."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(config_json)
 
 
 # ---------------------------------------------------------------------------- rows -> Rollout
@@ -172,7 +216,7 @@ class _VLLMBase:
     #: the package the engine needs (the tests mark such engines `vllm`)
     requires_package = "vllm"
 
-    def _prepare(self, model: torch.nn.Module, tokenizer: Any, vllm_cfg: Any) -> None:
+    def _prepare(self, model: torch.nn.Module, tokenizer: Any, vllm_cfg: Any, *, base_only: bool = False) -> None:
         from grpokit.config import VLLMConfig
 
         self.cfg = vllm_cfg if vllm_cfg is not None else VLLMConfig()
@@ -184,7 +228,7 @@ class _VLLMBase:
         self.max_model_len = self.cfg.max_model_len or (min(2048, limit) if limit else 2048)
         self.workdir = Path(tempfile.mkdtemp(prefix="grpokit-vllm-"))
         self.model_dir = self.workdir / "model"
-        write_policy(model, tokenizer, self.model_dir)
+        write_policy(model, tokenizer, self.model_dir, base_only=base_only)
 
     def _dtype(self, precision: str, device: str) -> str:
         """rollout.vllm.dtype, else the trainer's precision ('auto' resolved as the trainer resolves it)."""
@@ -205,6 +249,9 @@ class VLLMEngine(_VLLMBase):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu", precision: str = "fp32",
                  shares_weights: bool = True, vllm: Any = None, server: Any = None, seed: int = 0) -> None:
         vllm_mod = import_vllm()
+        if vllm is not None and vllm.lora_sync == "adapter":
+            raise ValueError("rollout.vllm.lora_sync = 'adapter' is built for rollout.engine = 'vllm_server' only; "
+                             "use rollout.vllm.lora_sync = 'merged' with the in-process 'vllm' engine")
         self._prepare(model, tokenizer, vllm)
         self.device = str(device)
         # the engine core in this process: weights go to the worker as Python objects, not over a socket
@@ -290,7 +337,8 @@ class LaunchedServer:
     """`vllm serve` as a subprocess on 127.0.0.1 in its own process group; `stop()` kills the group."""
 
     def __init__(self, model_dir: Path, *, python: str, dtype: str, max_model_len: int, vllm_cfg: Any,
-                 args: Sequence[str], startup_timeout_s: float, log_path: Path, seed: int) -> None:
+                 args: Sequence[str], startup_timeout_s: float, log_path: Path, seed: int,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -298,7 +346,8 @@ class LaunchedServer:
                "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
                "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", str(vllm_cfg.gpu_memory_utilization),
                *(["--enforce-eager"] if vllm_cfg.enforce_eager else []), *args]
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(vllm_cfg.kv_cache_gb)}
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(vllm_cfg.kv_cache_gb),
+               **(env or {})}
         self.cmd, self.log_path = cmd, log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -385,8 +434,21 @@ class VLLMServerEngine(_VLLMBase):
         self.scfg = server if server is not None else ServerConfig()
         self.seed, self.server = seed, None
         self.version = 0
+        self.adapter = (vllm.lora_sync if vllm is not None else "merged") == "adapter"
+        if self.adapter:
+            name = check_adapter_only(model)
+            peft_cfg = model.peft_config[name]
+            self.adapter_name = name
+            self.lora_rank = max([int(peft_cfg.r), *[int(v) for v in (getattr(peft_cfg, "rank_pattern", None) or {}).values()]])
+            if self.lora_rank > VLLM_LORA_RANKS[-1]:
+                raise ValueError(f"LoRA rank {self.lora_rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}; "
+                                 f"use rollout.vllm.lora_sync = 'merged'")
+            tmp = Path(tempfile.mkdtemp(prefix="grpokit-peftcfg-"))
+            peft_cfg.save_pretrained(str(tmp))  # adapter_config.json exactly as peft writes it
+            self.adapter_config = (tmp / "adapter_config.json").read_text()
+            shutil.rmtree(tmp, ignore_errors=True)
         if self.scfg.launch:
-            self._prepare(model, tokenizer, vllm)
+            self._prepare(model, tokenizer, vllm, base_only=self.adapter)
             self.dtype = self._dtype(precision, str(device))
             if self.scfg.weights_dir:
                 self.weights_root = Path(self.scfg.weights_dir)
@@ -395,6 +457,9 @@ class VLLMServerEngine(_VLLMBase):
                 self.weights_root = self.workdir / "weights"
             self.current = self.model_dir  # what a restarted server loads
             self._launch()
+            if self.adapter:  # the base runs as launched; the policy's adapter goes out as version 1
+                self.current = None
+                self.load_weights(model.state_dict().items())
         else:
             if not self.scfg.url:
                 raise ValueError("rollout.engine = 'vllm_server' with rollout.server.launch = false needs "
@@ -414,19 +479,43 @@ class VLLMServerEngine(_VLLMBase):
             self.weights_root = Path(self.scfg.weights_dir) if self.scfg.weights_dir else self.workdir / "weights"
             self.model_name = self._served_model()
             self.current = None
+            if self.adapter:
+                # the server may have been started from another checkpoint: send the base weights once (they
+                # never change in this mode), then the adapter
+                self.scalings = {k: 0.0 for k in self.scalings}  # W + 0 * B A: the base weights exactly
+                base = self.weights_root / "base"
+                write_weights(merged_weights(model.state_dict().items(), self.scalings), base, tied=self.tied)
+                self._with_retries("the base weights", lambda: self._request(
+                    "POST", "/collective_rpc", self._reload_body(base), timeout=self.scfg.request_timeout_s))
             # the server runs the weights it was started with until the first sync: make them the policy's
             self.load_weights(model.state_dict().items())
 
     # -- process
     def _launch(self) -> None:
+        args, env = list(self.scfg.args), {}
+        if self.adapter:
+            rank = min(r for r in VLLM_LORA_RANKS if r >= self.lora_rank)
+            args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "2"]
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         self.server = LaunchedServer(
             self.model_dir, python=self.scfg.python or default_server_python(), dtype=self.dtype,
-            max_model_len=self.max_model_len, vllm_cfg=self.cfg, args=self.scfg.args,
-            startup_timeout_s=self.scfg.startup_timeout_s, log_path=self.workdir / "server.log", seed=self.seed)
+            max_model_len=self.max_model_len, vllm_cfg=self.cfg, args=args,
+            startup_timeout_s=self.scfg.startup_timeout_s, log_path=self.workdir / "server.log", seed=self.seed,
+            env=env)
         self.url = self.server.url
+        if self.adapter:
+            if self.current is not None:  # a restart: load the last synced adapter again, under its name
+                self._load_adapter(self.model_name, self.current)
+            else:
+                self.model_name = "policy"
+            return
         self.model_name = "policy"
         if self.current != self.model_dir:  # a restart: back to the last synced weights
             self._request("POST", "/collective_rpc", self._reload_body(self.current), timeout=self.scfg.request_timeout_s)
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)},
+                      timeout=self.scfg.request_timeout_s)
 
     @staticmethod
     def _reload_body(path: Path) -> dict[str, Any]:
@@ -451,7 +540,12 @@ class VLLMServerEngine(_VLLMBase):
             raise ServerError(f"the vLLM server at {self.url} refused {path}: HTTP {err.code}: {detail}") from err
         except (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError, OSError) as err:
             raise _Retryable(f"{path}: {type(err).__name__}: {err}") from err
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:  # /v1/load_lora_adapter answers plain text ("Success: ...")
+            return raw.decode(errors="replace")
 
     def _with_retries(self, what: str, fn: Any) -> Any:
         """fn() with retries: backoff on timeouts and lost connections; a dead launched server is restarted."""
@@ -488,7 +582,14 @@ class VLLMServerEngine(_VLLMBase):
             with concurrent.futures.ThreadPoolExecutor(max(1, self.scfg.concurrency)) as pool:
                 return list(pool.map(one, range(len(prompts))))
 
-        outs = self._with_retries("a rollout batch", batch)
+        try:
+            outs = self._with_retries("a rollout batch", batch)
+        except ServerError as err:
+            if self.adapter and "HTTP 404" in str(err):
+                raise ServerError(f"the vLLM server at {self.url} has no LoRA adapter {self.model_name!r} (it answers "
+                                  f"404: {err}); was it restarted, or the adapter unloaded, outside grpokit? A weight "
+                                  f"sync (load_weights) loads the policy's adapter again") from err
+            raise
         tokens, logps, finished = [], [], []
         for out in outs:
             choice = out["choices"][0]
@@ -504,6 +605,8 @@ class VLLMServerEngine(_VLLMBase):
                                  stop_strings=params.stop_strings)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.adapter:
+            return self._load_adapter_version(named)
         self.version += 1
         path = self.weights_root / f"v{self.version}"
         write_weights(merged_weights(named, self.scalings), path, tied=self.tied)
@@ -514,6 +617,27 @@ class VLLMServerEngine(_VLLMBase):
         old, self.current = self.current, path
         if self.server is not None and old is not None and old != self.model_dir and old.parent == self.weights_root:
             shutil.rmtree(old, ignore_errors=True)  # the server runs `path` now (and restarts from it)
+
+    def _load_adapter_version(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write the adapter to weights_dir/lora_vN, hot-load it as 'policy-vN', unload the version before."""
+        self.version += 1
+        path = self.weights_root / f"lora_v{self.version}"
+        name = f"policy-v{self.version}"
+        state = adapter_state(named, self.adapter_name)
+        if not state:
+            raise ValueError("rollout.vllm.lora_sync = 'adapter': the weights handed to load_weights hold no "
+                             "lora_A / lora_B tensors (a merged or plain state dict?)")
+        write_adapter(state, self.adapter_config, path)
+        self._with_retries("an adapter load", lambda: self._load_adapter(name, path))
+        old, old_name = self.current, self.model_name
+        self.model_name, self.current = name, path
+        if old is not None and old_name != name:
+            try:
+                self._request("POST", "/v1/unload_lora_adapter", {"lora_name": old_name}, timeout=30.0)
+            except (ServerError, _Retryable):
+                pass  # an old adapter left loaded costs memory only; completions name the new one
+            if old.parent == self.weights_root:
+                shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         if self.server is not None:

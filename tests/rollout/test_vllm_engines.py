@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpokit.config import ConfigError, ServerConfig, load_config
+from grpokit.config import ConfigError, ServerConfig, VLLMConfig, load_config
 from grpokit.models import make_tiny
 from grpokit.rollout import encode_prompts, token_logprobs
 from grpokit.rollout.engine import SamplingParams, build_engine
-from grpokit.rollout.vllm_engine import ServerError, lora_scalings, merged_weights, rollout_from_rows
+from grpokit.rollout.vllm_engine import (ServerError, adapter_state, check_adapter_only, lora_scalings, merged_weights,
+                                         rollout_from_rows, write_adapter)
 
 VLLM_SHAPE = {"hidden_size": 128}  # head size 32: vLLM's CPU attention does not take the tiny model's 24
 PARAMS = SamplingParams(max_new_tokens=8, temperature=0.9)
@@ -115,6 +116,8 @@ class FakeVLLM(BaseHTTPRequestHandler):
 
     delays: list[float] = []  # seconds before answering the n-th completion request (then 0)
     calls: list[str] = []
+    bodies: list[tuple[str, object]] = []  # (path, JSON body) of every POST
+    adapters: set[str] = set()  # LoRA adapters loaded (/v1/load_lora_adapter); completions for others get 404
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -130,6 +133,13 @@ class FakeVLLM(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and hung up: what the test provokes
 
+    def _send_text(self, text: str, code: int = 200) -> None:
+        raw = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
     def do_GET(self) -> None:
         if self.path == "/health":
             self._send({})
@@ -139,7 +149,16 @@ class FakeVLLM(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"] or 0)) or b"null")
         type(self).calls.append(self.path)
-        if self.path == "/v1/completions":
+        type(self).bodies.append((self.path, body))
+        if self.path == "/v1/load_lora_adapter":
+            type(self).adapters.add(body["lora_name"])
+            self._send_text(f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+        elif self.path == "/v1/unload_lora_adapter":
+            type(self).adapters.discard(body["lora_name"])
+            self._send_text(f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+        elif self.path == "/v1/completions" and body["model"] != "fake" and body["model"] not in type(self).adapters:
+            self._send_text(json.dumps({"error": {"message": f"The model `{body['model']}` does not exist."}}), 404)
+        elif self.path == "/v1/completions":
             n = sum(p == "/v1/completions" for p in type(self).calls) - 1
             time.sleep(type(self).delays[n] if n < len(type(self).delays) else 0.0)
             ids = [fake_token(body["prompt"], i) for i in range(body["max_tokens"])]
@@ -151,7 +170,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    FakeVLLM.delays, FakeVLLM.calls = [], []
+    FakeVLLM.delays, FakeVLLM.calls, FakeVLLM.bodies, FakeVLLM.adapters = [], [], [], set()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -182,6 +201,106 @@ def test_requests_slower_than_the_timeout_are_retried_then_fail_clearly(fake_ser
                                           r" .*raise rollout.server.request_timeout_s"):
         engine.generate(prompts, PARAMS, seeds=[0, 1, 2, 3])
     assert time.monotonic() - t0 < 20
+    engine.close()
+
+
+def lora_policy(targets=("q_proj", "k_proj", "v_proj", "o_proj"), **shape):
+    """The tiny model with rank-4 LoRA (alpha 8) and B drawn at random (B = 0 at init would make the adapter a
+    no-op)."""
+    from grpokit.models.lora import apply_lora
+
+    model, tok = make_tiny(seed=0, **shape)
+    model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, targets=list(targets))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model, tok
+
+
+def test_the_adapter_written_is_peft_save_pretrained_and_loads_back(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, _ = lora_policy()
+    model.save_pretrained(str(tmp_path / "peft"))
+    ours = adapter_state(model.state_dict().items())
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(ours) == set(theirs) and len(ours) == 2 * 4 * 3  # A and B of q, k, v, o in 3 layers
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+    config = (tmp_path / "peft" / "adapter_config.json").read_text()
+    write_adapter(ours, config, tmp_path / "ours")
+    base, tok = make_tiny(seed=0)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "ours"))
+    ids = torch.tensor([tok.encode("12+3=15")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    assert check_adapter_only(model) == "default"
+
+
+def test_adapter_sync_refuses_what_an_adapter_cannot_carry() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    plain, tok = make_tiny(seed=0)
+    with pytest.raises(ValueError, match=r"exactly one PEFT LoRA adapter .* this one has 0: use rollout.vllm.lora_sync = 'merged'"):
+        check_adapter_only(plain)
+    saved = get_peft_model(make_tiny(seed=0)[0], LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"other parameters train \(e.g. \[.*lm_head.*\]\): the adapter cannot express"):
+        check_adapter_only(saved)
+    with pytest.raises(ValueError, match=r"exactly one PEFT LoRA adapter"):
+        build_engine("vllm_server", plain, tok, vllm=VLLMConfig(lora_sync="adapter"),
+                     server=ServerConfig(launch=False, url="http://127.0.0.1:1"))
+    with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adapter' needs a LoRA policy \(model.lora_r > 0\)"):
+        load_config(None, ["rollout.engine='vllm_server'", "rollout.vllm.lora_sync='adapter'"])
+    with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adapter' is built for rollout.engine = 'vllm_server' only"):
+        load_config(None, ["rollout.engine='vllm'", "rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])
+    with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adaptor': use 'merged' or 'adapter'"):
+        load_config(None, ["rollout.vllm.lora_sync='adaptor'"])
+    cfg = load_config(None, ["rollout.engine='vllm_server'", "rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])
+    assert cfg.rollout.vllm.lora_sync == "adapter"
+
+
+def test_adapter_sync_request_sequence(fake_server: str, tmp_path: Path) -> None:
+    """Against a fake server: the base weights once, then per sync a new adapter directory, loaded under a new
+    versioned name, the one before unloaded and its directory removed; completions name the current adapter;
+    an adapter the server does not have is a clear error."""
+    from safetensors.torch import load_file
+
+    model, tok = lora_policy()
+    cfg = ServerConfig(launch=False, url=fake_server, weights_dir=str(tmp_path / "w"))
+    engine = build_engine("vllm_server", model, tok, vllm=VLLMConfig(lora_sync="adapter"), server=cfg)
+    v1 = tmp_path / "w" / "lora_v1"
+    assert FakeVLLM.calls == ["/collective_rpc", "/v1/load_lora_adapter"]
+    assert FakeVLLM.bodies[0][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "w" / "base")}}
+    base = load_file(str(tmp_path / "w" / "base" / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(base[q], model.state_dict()[f"base_model.model.{q[:-len('.weight')]}.base_layer.weight"])
+    assert FakeVLLM.bodies[1][1] == {"lora_name": "policy-v1", "lora_path": str(v1)}
+    assert sorted(p.name for p in v1.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((v1 / "adapter_config.json").read_text())["r"] == 4
+    prompts = tiny_prompts(tok)
+    engine.generate(prompts, PARAMS, seeds=[0, 1, 2, 3])
+    assert {b["model"] for p, b in FakeVLLM.bodies if p == "/v1/completions"} == {"policy-v1"}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.01)
+    FakeVLLM.calls, FakeVLLM.bodies = [], []
+    engine.load_weights(model.state_dict().items())
+    v2 = tmp_path / "w" / "lora_v2"
+    assert FakeVLLM.bodies == [("/v1/load_lora_adapter", {"lora_name": "policy-v2", "lora_path": str(v2)}),
+                               ("/v1/unload_lora_adapter", {"lora_name": "policy-v1"})]
+    assert not v1.exists() and FakeVLLM.adapters == {"policy-v2"}
+    a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert torch.equal(load_file(str(v2 / "adapter_model.safetensors"))[a],
+                       model.state_dict()[a.replace("lora_A.", "lora_A.default.")])
+    engine.generate(prompts, PARAMS, seeds=[0, 1, 2, 3])
+    assert {b["model"] for p, b in FakeVLLM.bodies if p == "/v1/completions"} == {"policy-v2"}
+    FakeVLLM.adapters.clear()  # as if the server lost it
+    with pytest.raises(ServerError, match=r"has no LoRA adapter 'policy-v2' \(it answers 404: .*does not exist"):
+        engine.generate(prompts, PARAMS, seeds=[0, 1, 2, 3])
     engine.close()
 
 
