@@ -455,10 +455,10 @@ class VLLMServerEngine(_VLLMBase):
                 self.weights_root.mkdir(parents=True, exist_ok=True)
             else:
                 self.weights_root = self.workdir / "weights"
-            self.current = self.model_dir  # what a restarted server loads
+            # what a restarted server loads (adapter mode: the base as launched, plus the last adapter if any)
+            self.current = None if self.adapter else self.model_dir
             self._launch()
-            if self.adapter:  # the base runs as launched; the policy's adapter goes out as version 1
-                self.current = None
+            if self.adapter:  # the policy's adapter goes out as version 1
                 self.load_weights(model.state_dict().items())
         else:
             if not self.scfg.url:

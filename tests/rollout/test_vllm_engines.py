@@ -344,8 +344,10 @@ def _length_reward(prompts, completions, **_):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
-def test_three_training_steps(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine,extra", [("vllm", []), ("vllm_server", []),
+                                          ("vllm_server", ["rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])],
+                         ids=["vllm", "vllm_server", "vllm_server-lora-adapter"])
+def test_three_training_steps(engine: str, extra: list[str], tmp_path: Path) -> None:
     import psutil
 
     import grpokit
@@ -353,12 +355,14 @@ def test_three_training_steps(engine: str, tmp_path: Path) -> None:
 
     model, tok = make_tiny(seed=0, **VLLM_SHAPE)
     start = {k: v.clone() for k, v in model.state_dict().items()}
+    if extra:
+        extra = [*extra, f"rollout.server.weights_dir='{tmp_path / 'w'}'"]
     run = grpokit.train(
         None, model=model, tokenizer=tok, dataset="copy2", reward_funcs=[_length_reward],
         overrides=[f"rollout.engine='{engine}'", "model.precision='fp32'", "rollout.prompts_per_step=4", "rollout.group_size=4",
                    "rollout.max_new_tokens=8", "train.steps=3", "train.lr=0.01", "train.micro_batch_size=16",
                    f"train.run_dir='{tmp_path / 'run'}'", "train.progress=false", "train.report=false",
-                   "train.tensorboard=false", "data.heldout_size=0", "train.final_eval=false"])
+                   "train.tensorboard=false", "data.heldout_size=0", "train.final_eval=false", *extra])
     rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # every step samples with the weights of the step before: μ from vLLM equals the trainer's ℓ° (a stale
@@ -367,6 +371,8 @@ def test_three_training_steps(engine: str, tmp_path: Path) -> None:
     assert all(r["time/weight_sync"] > 0 for r in rows)
     after = load_file(str(Path(run) / "final" / "model.safetensors"))
     assert max(float((after[k] - start[k]).abs().max()) for k in start) > 1e-3, "the policy did not move"
+    if extra:  # adapter mode: only adapters went out, one version per sync (the last one kept)
+        assert [p.name for p in (tmp_path / "w").iterdir()] == ["lora_v4"]
     servers = [p for p in psutil.Process().children(recursive=True) if "vllm.entrypoints" in " ".join(p.cmdline())]
     assert not servers, f"a vLLM server outlived the run: {servers}"
 
@@ -396,3 +402,62 @@ def test_a_launched_process_dies_with_a_killed_parent(tmp_path: Path) -> None:
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+@pytest.mark.vllm
+def test_adapter_sync_serves_the_lora_policy_across_versions_and_a_restart(tmp_path: Path) -> None:
+    """rollout.vllm.lora_sync = 'adapter' on a launched server (one server start for all checks, one restart):
+    μ of the hot-loaded adapter equals the trainer's teacher-forced log-probs of the LoRA policy (the engine
+    contract's 4e-5) before and after an optimizer step + sync; versions advance, the old one is unloaded;
+    a killed server comes back with the current adapter."""
+    import copy
+
+    model, tok = lora_policy(**VLLM_SHAPE)
+    weights = tmp_path / "w"
+    engine = build_engine("vllm_server", copy.deepcopy(model), tok, vllm=VLLMConfig(lora_sync="adapter"),
+                          server=ServerConfig(startup_timeout_s=240, weights_dir=str(weights)))
+    prompts, seeds = tiny_prompts(tok) * 2, list(range(8))
+
+    def gap(roll, policy) -> float:
+        return float(((roll.logprobs - teacher_forced(policy, roll)).abs() * roll.response_mask).max())
+
+    try:
+        assert engine.model_name == "policy-v1" and (weights / "lora_v1" / "adapter_model.safetensors").exists()
+        first = engine.generate(prompts, PARAMS, seeds)
+        assert first.response_mask.sum() > 20
+        g1 = gap(first, model)
+        assert g1 < 4e-5
+        with model.disable_adapter():  # the adapter is applied: the base model's log-probs are far off
+            g_base = gap(first, model)
+        assert g_base > 0.1
+        # an optimizer step on the LoRA weights (lr 0.01), then a sync: a new adapter version
+        before = copy.deepcopy(model)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        lp = token_logprobs(model, first.input_ids(), first.attention_mask(), first.response_ids.shape[1],
+                            temperature=PARAMS.temperature)
+        (-(lp * first.response_mask).sum()).backward()
+        opt.step()
+        engine.load_weights(model.state_dict().items())
+        assert engine.model_name == "policy-v2" and engine.version == 2
+        assert not (weights / "lora_v1").exists() and (weights / "lora_v2").exists()
+        second = engine.generate(prompts, PARAMS, seeds)
+        assert gap(second, model) < 4e-5
+        assert gap(second, before) > 1e-3  # a stale adapter would be caught
+        # the version before was unloaded: asking for it is a clear error
+        engine.model_name = "policy-v1"
+        with pytest.raises(ServerError, match=r"has no LoRA adapter 'policy-v1' \(it answers 404: .*does not exist"):
+            engine.generate(prompts[:1], PARAMS, seeds[:1])
+        engine.model_name = "policy-v2"
+        # killed: restarted from the base, the current adapter loaded again under its name
+        proc = engine.server.proc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        third = engine.generate(prompts, PARAMS, seeds)
+        assert engine.server.proc is not proc and engine.model_name == "policy-v2"
+        assert torch.equal(third.response_ids, second.response_ids) and gap(third, model) < 4e-5
+        print(f"adapter μ vs trainer: v1 {g1:.2e} (base model: {g_base:.2f}), v2 {gap(second, model):.2e} "
+              f"(pre-step policy: {gap(second, before):.2e}), after restart {gap(third, model):.2e}")
+    finally:
+        proc = engine.server.proc
+        engine.close()
+    assert proc.poll() is not None
