@@ -13,7 +13,9 @@ tokenizer to a temporary directory. After every optimizer step:
 - `vllm_server` writes the policy as safetensors to a fresh directory and calls the worker's
   `reload_weights(weights_path=...)` through the server's `/collective_rpc` endpoint (served with
   `VLLM_SERVER_DEV_MODE=1`; a launched server gets it, an external one must be started with it).
-With LoRA both send the merged weights W + (alpha/r) B A, so vLLM runs a plain model.
+With LoRA both send the merged weights W + (alpha/r) B A by default, so vLLM runs a plain model; with
+`rollout.vllm.lora_sync = 'adapter'` the `vllm_server` engine runs the base model with LoRA enabled and
+hot-loads the PEFT adapter at every sync (`weights_dir/lora_vN`, `/v1/load_lora_adapter` as `policy-vN`).
 
 Seeding. vLLM seeds each request from its own generator, so the same prompts, seeds and weights give the
 same tokens run after run on one machine and one vLLM build. It is not bitwise batch-invariant: a row's
