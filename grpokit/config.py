@@ -61,7 +61,7 @@ class VLLMConfig:
     max_model_len: int = doc("Longest prompt + response vLLM plans for (0 = 2048, capped by the model's own).", 0)
     kv_cache_gb: int = doc("vLLM's CPU build: GiB of memory for its KV cache (VLLM_CPU_KVCACHE_SPACE).", 1)
     sleep: bool = doc("vLLM on a GPU: free its weights and KV cache during the update (sleep level 1, woken before the weight sync); ignored on CPU.", False)
-    lora_sync: str = doc("With LoRA (model.lora_r > 0), what a weight sync sends: 'merged' (W + (alpha/r) B A, vLLM runs a plain model; both engines) or 'adapter' (engine 'vllm_server' only: the PEFT adapter is written to weights_dir/lora_vN and hot-loaded by /v1/load_lora_adapter as 'policy-vN'; the base weights never change).", "merged")
+    lora_sync: str = doc("With LoRA (model.lora_r > 0), what a weight sync sends: 'merged' (W + (alpha/r) B A, vLLM runs a plain model; both engines) or 'adapter' (vLLM runs the base model with LoRA on; each sync writes the PEFT adapter to lora_vN and serves it as 'policy-vN': /v1/load_lora_adapter on the server, a LoRARequest per generate in process; the base weights never change).", "merged")
 
 
 @dataclass
@@ -608,7 +608,7 @@ def validate(cfg: Config) -> list[str]:
             f"optimizer steps would have no rows; set train.updates_per_rollout <= {batch} or sample more prompts"
         )
     _check_vllm(r)
-    if r.vllm.lora_sync == "adapter" and cfg.model.lora_r <= 0 and r.engine == "vllm_server":
+    if r.vllm.lora_sync == "adapter" and cfg.model.lora_r <= 0 and r.engine in ("vllm", "vllm_server"):
         raise ConfigError("rollout.vllm.lora_sync = 'adapter' needs a LoRA policy (model.lora_r > 0); "
                           "set model.lora_r or rollout.vllm.lora_sync = 'merged'")
     notes = []
@@ -670,9 +670,6 @@ def _check_vllm(r: RolloutConfig) -> None:
                           ".startup_timeout_s > 0")
     if v.lora_sync not in ("merged", "adapter"):
         raise ConfigError(f"rollout.vllm.lora_sync = {v.lora_sync!r}: use 'merged' or 'adapter'")
-    if v.lora_sync == "adapter" and r.engine == "vllm":
-        raise ConfigError("rollout.vllm.lora_sync = 'adapter' is built for rollout.engine = 'vllm_server' only; "
-                          "use rollout.vllm.lora_sync = 'merged' with the in-process 'vllm' engine")
 
 
 # ---------------------------------------------------------------------------- saving and help

@@ -14,8 +14,9 @@ tokenizer to a temporary directory. After every optimizer step:
   `reload_weights(weights_path=...)` through the server's `/collective_rpc` endpoint (served with
   `VLLM_SERVER_DEV_MODE=1`; a launched server gets it, an external one must be started with it).
 With LoRA both send the merged weights W + (alpha/r) B A by default, so vLLM runs a plain model; with
-`rollout.vllm.lora_sync = 'adapter'` the `vllm_server` engine runs the base model with LoRA enabled and
-hot-loads the PEFT adapter at every sync (`weights_dir/lora_vN`, `/v1/load_lora_adapter` as `policy-vN`).
+`rollout.vllm.lora_sync = 'adapter'` vLLM runs the base model with LoRA enabled and gets the PEFT adapter at
+every sync (written to `lora_vN`; `vllm_server`: hot-loaded by `/v1/load_lora_adapter` as `policy-vN`;
+`vllm`: a new `LoRARequest('policy-vN', N, path)` passed to every generate).
 
 Seeding. vLLM seeds each request from its own generator, so the same prompts, seeds and weights give the
 same tokens run after run on one machine and one vLLM build. It is not bitwise batch-invariant: a row's
@@ -232,6 +233,32 @@ class _VLLMBase:
         self.model_dir = self.workdir / "model"
         write_policy(model, tokenizer, self.model_dir, base_only=base_only)
 
+    def _setup_adapter(self, model: torch.nn.Module) -> None:
+        """lora_sync = 'adapter': the adapter's name, rank and adapter_config.json (as peft writes it)."""
+        name = check_adapter_only(model)
+        peft_cfg = model.peft_config[name]
+        self.adapter_name = name
+        self.lora_rank = max([int(peft_cfg.r), *[int(v) for v in (getattr(peft_cfg, "rank_pattern", None) or {}).values()]])
+        if self.lora_rank > VLLM_LORA_RANKS[-1]:
+            raise ValueError(f"LoRA rank {self.lora_rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}; "
+                             f"use rollout.vllm.lora_sync = 'merged'")
+        self.max_lora_rank = min(r for r in VLLM_LORA_RANKS if r >= self.lora_rank)
+        tmp = Path(tempfile.mkdtemp(prefix="grpokit-peftcfg-"))
+        peft_cfg.save_pretrained(str(tmp))  # adapter_config.json exactly as peft writes it
+        self.adapter_config = (tmp / "adapter_config.json").read_text()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_adapter_version(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, Path]:
+        """The next version's adapter written to weights_root/lora_vN; returns ('policy-vN', its path)."""
+        self.version += 1
+        path = self.weights_root / f"lora_v{self.version}"
+        state = adapter_state(named, self.adapter_name)
+        if not state:
+            raise ValueError("rollout.vllm.lora_sync = 'adapter': the weights handed to load_weights hold no "
+                             "lora_A / lora_B tensors (a merged or plain state dict?)")
+        write_adapter(state, self.adapter_config, path)
+        return f"policy-v{self.version}", path
+
     def _dtype(self, precision: str, device: str) -> str:
         """rollout.vllm.dtype, else the trainer's precision ('auto' resolved as the trainer resolves it)."""
         from grpokit.models.precision import resolve_precision
@@ -251,10 +278,12 @@ class VLLMEngine(_VLLMBase):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: str = "cpu", precision: str = "fp32",
                  shares_weights: bool = True, vllm: Any = None, server: Any = None, seed: int = 0) -> None:
         vllm_mod = import_vllm()
-        if vllm is not None and vllm.lora_sync == "adapter":
-            raise ValueError("rollout.vllm.lora_sync = 'adapter' is built for rollout.engine = 'vllm_server' only; "
-                             "use rollout.vllm.lora_sync = 'merged' with the in-process 'vllm' engine")
-        self._prepare(model, tokenizer, vllm)
+        self.adapter = vllm is not None and vllm.lora_sync == "adapter"
+        self.version, self.lora_request = 0, None
+        if self.adapter:
+            self._setup_adapter(model)
+        self._prepare(model, tokenizer, vllm, base_only=self.adapter)
+        self.weights_root = self.workdir / "weights"
         self.device = str(device)
         # the engine core in this process: weights go to the worker as Python objects, not over a socket
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -270,10 +299,13 @@ class VLLMEngine(_VLLMBase):
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=seed,
                 logprobs_mode="processed_logprobs", enable_sleep_mode=self.can_sleep,
                 enable_prefix_caching=True,
+                **({"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 2} if self.adapter else {}),
             )
         finally:
             torch.set_num_threads(threads)  # vLLM's CPU worker sets its own; the trainer keeps the configured count
         self._vllm = vllm_mod
+        if self.adapter:  # the policy's adapter as version 1
+            self.load_weights(model.state_dict().items())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Rollout:
         check_seeds(prompts, seeds)
@@ -281,7 +313,8 @@ class VLLMEngine(_VLLMBase):
         from vllm.inputs import TokensPrompt
 
         sps = [self._vllm.SamplingParams(**vllm_sampling_kwargs(params, s)) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps, use_tqdm=False,
+                                 lora_request=self.lora_request)
         tokens, logps, finished = [], [], []
         for out in outs:
             c = out.outputs[0]
@@ -302,6 +335,15 @@ class VLLMEngine(_VLLMBase):
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake()
+        if self.adapter:  # a new LoRARequest (name, id, path) per version; the one before is dropped
+            from vllm.lora.request import LoRARequest
+
+            name, path = self._write_adapter_version(named)
+            old, self.lora_request = self.lora_request, LoRARequest(name, self.version, str(path))
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            return
         weights = [(k, v.detach()) for k, v in merged_weights(named, self.scalings)]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
@@ -438,17 +480,7 @@ class VLLMServerEngine(_VLLMBase):
         self.version = 0
         self.adapter = (vllm.lora_sync if vllm is not None else "merged") == "adapter"
         if self.adapter:
-            name = check_adapter_only(model)
-            peft_cfg = model.peft_config[name]
-            self.adapter_name = name
-            self.lora_rank = max([int(peft_cfg.r), *[int(v) for v in (getattr(peft_cfg, "rank_pattern", None) or {}).values()]])
-            if self.lora_rank > VLLM_LORA_RANKS[-1]:
-                raise ValueError(f"LoRA rank {self.lora_rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}; "
-                                 f"use rollout.vllm.lora_sync = 'merged'")
-            tmp = Path(tempfile.mkdtemp(prefix="grpokit-peftcfg-"))
-            peft_cfg.save_pretrained(str(tmp))  # adapter_config.json exactly as peft writes it
-            self.adapter_config = (tmp / "adapter_config.json").read_text()
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._setup_adapter(model)
         if self.scfg.launch:
             self._prepare(model, tokenizer, vllm, base_only=self.adapter)
             self.dtype = self._dtype(precision, str(device))
@@ -496,8 +528,7 @@ class VLLMServerEngine(_VLLMBase):
     def _launch(self) -> None:
         args, env = list(self.scfg.args), {}
         if self.adapter:
-            rank = min(r for r in VLLM_LORA_RANKS if r >= self.lora_rank)
-            args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "2"]
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "2"]
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         self.server = LaunchedServer(
             self.model_dir, python=self.scfg.python or default_server_python(), dtype=self.dtype,
@@ -622,14 +653,7 @@ class VLLMServerEngine(_VLLMBase):
 
     def _load_adapter_version(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Write the adapter to weights_dir/lora_vN, hot-load it as 'policy-vN', unload the version before."""
-        self.version += 1
-        path = self.weights_root / f"lora_v{self.version}"
-        name = f"policy-v{self.version}"
-        state = adapter_state(named, self.adapter_name)
-        if not state:
-            raise ValueError("rollout.vllm.lora_sync = 'adapter': the weights handed to load_weights hold no "
-                             "lora_A / lora_B tensors (a merged or plain state dict?)")
-        write_adapter(state, self.adapter_config, path)
+        name, path = self._write_adapter_version(named)
         self._with_retries("an adapter load", lambda: self._load_adapter(name, path))
         old, old_name = self.current, self.model_name
         self.model_name, self.current = name, path

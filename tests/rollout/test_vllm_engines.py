@@ -254,8 +254,8 @@ def test_adapter_sync_refuses_what_an_adapter_cannot_carry() -> None:
                      server=ServerConfig(launch=False, url="http://127.0.0.1:1"))
     with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adapter' needs a LoRA policy \(model.lora_r > 0\)"):
         load_config(None, ["rollout.engine='vllm_server'", "rollout.vllm.lora_sync='adapter'"])
-    with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adapter' is built for rollout.engine = 'vllm_server' only"):
-        load_config(None, ["rollout.engine='vllm'", "rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])
+    with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adapter' needs a LoRA policy"):
+        load_config(None, ["rollout.engine='vllm'", "rollout.vllm.lora_sync='adapter'"])
     with pytest.raises(ConfigError, match=r"rollout.vllm.lora_sync = 'adaptor': use 'merged' or 'adapter'"):
         load_config(None, ["rollout.vllm.lora_sync='adaptor'"])
     cfg = load_config(None, ["rollout.engine='vllm_server'", "rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])
@@ -345,8 +345,9 @@ def _length_reward(prompts, completions, **_):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("engine,extra", [("vllm", []), ("vllm_server", []),
+                                          ("vllm", ["rollout.vllm.lora_sync='adapter'", "model.lora_r=4"]),
                                           ("vllm_server", ["rollout.vllm.lora_sync='adapter'", "model.lora_r=4"])],
-                         ids=["vllm", "vllm_server", "vllm_server-lora-adapter"])
+                         ids=["vllm", "vllm_server", "vllm-lora-adapter", "vllm_server-lora-adapter"])
 def test_three_training_steps(engine: str, extra: list[str], tmp_path: Path) -> None:
     import psutil
 
@@ -371,7 +372,7 @@ def test_three_training_steps(engine: str, extra: list[str], tmp_path: Path) -> 
     assert all(r["time/weight_sync"] > 0 for r in rows)
     after = load_file(str(Path(run) / "final" / "model.safetensors"))
     assert max(float((after[k] - start[k]).abs().max()) for k in start) > 1e-3, "the policy did not move"
-    if extra:  # adapter mode: only adapters went out, one version per sync (the last one kept)
+    if extra and engine == "vllm_server":  # adapter mode: only adapters went out, one per sync (the last kept)
         assert [p.name for p in (tmp_path / "w").iterdir()] == ["lora_v4"]
     servers = [p for p in psutil.Process().children(recursive=True) if "vllm.entrypoints" in " ".join(p.cmdline())]
     assert not servers, f"a vLLM server outlived the run: {servers}"
@@ -461,3 +462,43 @@ def test_adapter_sync_serves_the_lora_policy_across_versions_and_a_restart(tmp_p
         proc = engine.server.proc
         engine.close()
     assert proc.poll() is not None
+
+
+@pytest.mark.vllm
+def test_in_process_adapter_sync_serves_the_lora_policy_across_versions() -> None:
+    """rollout.vllm.lora_sync = 'adapter' with the in-process `vllm` engine (LLM(enable_lora=True), a
+    LoRARequest per generate): μ equals the trainer's teacher-forced log-probs of the LoRA policy (4e-5) before
+    and after an optimizer step + sync, and a stale adapter would be caught."""
+    import copy
+
+    model, tok = lora_policy(**VLLM_SHAPE)
+    engine = build_engine("vllm", copy.deepcopy(model), tok, vllm=VLLMConfig(lora_sync="adapter"))
+    prompts, seeds = tiny_prompts(tok) * 2, list(range(8))
+
+    def gap(roll, policy) -> float:
+        return float(((roll.logprobs - teacher_forced(policy, roll)).abs() * roll.response_mask).max())
+
+    try:
+        assert engine.lora_request.lora_name == "policy-v1" and engine.lora_request.lora_int_id == 1
+        first = engine.generate(prompts, PARAMS, seeds)
+        g1 = gap(first, model)
+        with model.disable_adapter():
+            g_base = gap(first, model)
+        assert g1 < 4e-5 and g_base > 0.1, (g1, g_base)
+        before = copy.deepcopy(model)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        lp = token_logprobs(model, first.input_ids(), first.attention_mask(), first.response_ids.shape[1],
+                            temperature=PARAMS.temperature)
+        (-(lp * first.response_mask).sum()).backward()
+        opt.step()
+        old_path = Path(engine.lora_request.lora_path)
+        engine.load_weights(model.state_dict().items())
+        assert engine.lora_request.lora_name == "policy-v2" and engine.lora_request.lora_int_id == 2
+        assert not old_path.exists() and engine.llm.llm_engine.list_loras() <= {2}
+        second = engine.generate(prompts, PARAMS, seeds)
+        g2, g_stale = gap(second, model), gap(second, before)
+        assert g2 < 4e-5 and g_stale > 1e-3, (g2, g_stale)
+        print(f"in-process adapter μ vs trainer: v1 {g1:.2e} (base model: {g_base:.2f}), v2 {g2:.2e} "
+              f"(pre-step policy: {g_stale:.2e})")
+    finally:
+        engine.close()
