@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from test_data_parallel import REWARD, run
+from test_data_parallel import REWARD, overrides, run
 
 #: vLLM's CPU attention takes head sizes 32, 64, 80, ...: the tiny model's is 24, so vLLM gets hidden 128
 VLLM_SHAPE = {"hidden_size": 128}
@@ -25,18 +24,9 @@ def test_fsdp2_ranks_sample_with_vllm_on_the_gathered_weights(tmp_path: Path) ->
     (tmp_path / "dist_reward.py").write_text(REWARD)
     start = load_file(str(tmp_path / "tiny" / "model.safetensors"))
     out = tmp_path / "run"
-    sets = {"model.name": str(tmp_path / "tiny"), "model.precision": "fp32", "data.task": "arith",
-            "data.task_options": {"max_digits": 1, "heldout_size": 10}, "data.heldout_size": 0,
-            "train.final_eval": False, "rollout.engine": "vllm", "rollout.vllm": {"max_model_len": 256},
-            "rollout.prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
-            "rewards.functions": ["dist_reward:digit_share"], "train.steps": 3, "train.lr": 1e-2,
-            "train.updates_per_rollout": 1, "train.micro_batch_size": 8, "train.progress": False,
-            "train.report": False, "train.tensorboard": False, "train.device": "cpu", "train.threads": 1,
-            "dist.strategy": "fsdp2", "train.run_dir": str(out)}
-    args = []
-    for k, v in sets.items():
-        text = ("{" + ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items()) + "}") if isinstance(v, dict) else json.dumps(v)
-        args += ["--set", f"{k}={text}"]
+    args = overrides(tmp_path, out, **{"rollout.engine": "vllm", "rollout.vllm": {"max_model_len": 256},
+                                        "rollout.max_new_tokens": 8, "train.lr": 1e-2, "train.updates_per_rollout": 1,
+                                        "train.micro_batch_size": 8, "dist.strategy": "fsdp2"})
     run(tmp_path, args, nproc=2, timeout=420)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
