@@ -234,3 +234,31 @@ def test_max_staleness_config_errors_and_the_async_alias(tmp_path: Path) -> None
         load_config(None, ["rollout.async=true", "rollout.async_rollouts=true"])
     sections = {"async": True}
     assert load_config(None, rollout=sections).rollout.async_rollouts is True and sections == {"async": True}
+
+
+def test_a_checkpoint_written_before_max_staleness_resumes_as_staleness_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint without `async_pending`/`async_max_staleness` (the s = 1 format before them: sampler.safetensors
+    and async_data_rng only) resumes with the default rollout.max_staleness = 1 to the uninterrupted run."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    sets = {"train.steps": 3, "train.save_every": 1}
+    loop.train(cfg_for(full, **sets))
+    real = loop.train_step
+
+    def stop_at_3(ctx):
+        if ctx.state["step"] == 3:
+            raise Stop
+        return real(ctx)
+
+    monkeypatch.setattr(loop, "train_step", stop_at_3)
+    with pytest.raises(Stop):
+        loop.train(cfg_for(cut, **sets))
+    monkeypatch.setattr(loop, "train_step", real)
+    ck = cut / "checkpoints" / "step_000002"
+    state = json.loads((ck / "state.json").read_text())
+    assert state.pop("async_pending") == [{"step": 3, "version": 1, "file": "sampler"}] and state.pop("async_max_staleness") == 1
+    (ck / "state.json").write_text(json.dumps(state))
+    assert sorted(p.name for p in ck.glob("sampler*")) == ["sampler.safetensors"]
+    loop.train(cfg_for(cut, **sets), resume=cut)
+    assert metrics(cut) == metrics(full)
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
