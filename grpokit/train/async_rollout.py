@@ -16,7 +16,10 @@ by the one worker. With s = 1 the worker is idle when a batch is launched, and w
 engine (as in the synchronous loop). With s > 1 the worker may still be generating an earlier batch, so the
 weights are snapshotted at launch, detached copies on the CPU, and the worker loads a batch's snapshot into the
 engine right before its collect. At most s snapshots are held (batches launched at the start share w_0's), i.e.
-s copies of the weights in CPU memory.
+s copies of the weights in CPU memory. The vLLM engines (`vllm`, `vllm_server`) take the snapshot path at s = 1
+too: their weights live in vLLM, so a checkpoint could not read them back from the engine; their weight sync
+(an in-place reload, or a file write and a reload request to the server) then runs in the worker, beside the
+update.
 
 Resume is exact by deterministic regeneration, not by saving the in-flight batches: a checkpoint after step k
 holds, for the batches of steps k+1..k+s, the weights each is sampled with (one file per distinct version:
@@ -65,14 +68,17 @@ class AsyncRollouts:
     """The pending collects of the next s steps; see the module docstring."""
 
     def __init__(self, ctx: Any) -> None:
-        if dist.is_distributed():
+        if dist.world_size() > 1:  # (an in-process vLLM creates a process group of its own, of one rank)
             raise ConfigError("rollout.async_rollouts runs in one process: its background collect cannot share "
                               "collectives with the update under torchrun; set rollout.async_rollouts = false")
-        if getattr(ctx.engine, "model", None) is None or getattr(ctx.engine, "shares_weights", True):
+        if getattr(ctx.engine, "shares_weights", True):
             raise ConfigError("rollout.async_rollouts needs an engine that samples its own copy of the policy "
-                              "(rollout.engine = 'hf', built with shares_weights = False by setup)")
+                              "(setup builds the hf engine with shares_weights = False; the vLLM engines always are)")
         self.ctx = ctx
         self.s = int(getattr(ctx.cfg.rollout, "max_staleness", 1))
+        # CPU snapshots taken at launch and loaded by the worker: with s > 1 (the worker may be busy), and for an
+        # engine that cannot hand its weights back for a checkpoint (the vLLM engines hold them in vLLM)
+        self.snapshots = self.s > 1 or getattr(ctx.engine, "model", None) is None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpokit-rollout")
         self.slots: list[_Slot] = []  # steps k+1..k+s after step k, in order
         self.rng_at: dict[int, Any] = {}  # step -> the prompt generator before that step's draw
@@ -111,7 +117,7 @@ class AsyncRollouts:
         k = self.ctx.state["step"]
         if checkpoint is None:
             self.rng_at[k + 1] = self.ctx.data_rng.getstate()
-            if self.s == 1:
+            if not self.snapshots:
                 self._schedule(k + 1, k, None)  # the engine holds the initial weights
                 return
             w0 = self._snapshot()
@@ -138,7 +144,7 @@ class AsyncRollouts:
         for p in pending:
             if p["file"] not in loaded:
                 loaded[p["file"]] = load_file(str(path / f"{p['file']}.safetensors"))
-            if self.s == 1:
+            if not self.snapshots:
                 self.ctx.engine.load_weights(loaded[p["file"]].items())
                 self._schedule(p["step"], p["version"], None)
             else:
@@ -162,7 +168,7 @@ class AsyncRollouts:
             for j in [j for j in self.rng_at if j <= step]:
                 del self.rng_at[j]
         t1 = time.perf_counter()
-        if self.s == 1:
+        if not self.snapshots:
             sync_s = sync_weights(self.ctx)  # the worker is idle: w_{k-1} goes straight into the engine
             self._schedule(step + 1, step - 1, None)
         else:
