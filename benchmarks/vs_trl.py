@@ -411,6 +411,7 @@ class SpeedSpec:
     profile: str = ""           # write a cProfile of this worker's training steps here
     engine: str = "default"     # "vllm": TRL use_vllm=True (colocate) / grpokit rollout.engine = "vllm"
     async_rollouts: bool = False  # grpokit only: rollout.async_rollouts
+    reward_latency: float = 0.0   # grpokit only: seconds the reward takes per batch (a remote verifier or judge)
 
 
 def arith_rows(spec: SpeedSpec, n_steps: int) -> list[dict[str, Any]]:
@@ -542,8 +543,22 @@ def worker_grpokit(spec: SpeedSpec) -> dict[str, Any]:
         *(["rollout.engine=\"vllm\"", "rollout.vllm.max_model_len=512"] if spec.engine == "vllm" else []),
         *(["rollout.async_rollouts=true"] if spec.async_rollouts else []),
     ])
-    ctx = setup(cfg)
+    funcs = None
+    if spec.reward_latency > 0:  # a remote verifier or judge: the same reward, answered after a delay
+        from grpokit.rewards.builtin import numeric_match
+
+        def slow_numeric_match(prompts, completions, **columns):
+            time.sleep(spec.reward_latency)
+            return numeric_match(prompts, completions, answer=columns["answer"])
+
+        funcs = [slow_numeric_match]
+    ctx = setup(cfg, reward_funcs=funcs)
     torch.set_num_threads(spec.threads)
+    if spec.async_rollouts:  # as grpokit.train.loop.train starts it
+        from grpokit.train.async_rollout import AsyncRollouts
+
+        ctx.rollouts = AsyncRollouts(ctx)
+        ctx.rollouts.start(None)
     prof = None
     if spec.profile:
         import cProfile
@@ -567,6 +582,8 @@ def worker_grpokit(spec: SpeedSpec) -> dict[str, Any]:
         ph["time/update_own"] = m["time/update"]
         phases.append(ph)
     ctx.logger.close()
+    if ctx.rollouts is not None:
+        ctx.rollouts.close()
     if prof is not None:
         prof.dump_stats(spec.profile)
     return {"trainer": "grpokit", "step_s": times, "gen_tokens": gen, "rss_mib": _rss_mib(), "reward": reward,
@@ -669,6 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          ".vllm-venv/bin/python and trl installed there (see benchmarks/README.md)")
     ap.add_argument("--async-compare", action="store_true",
                     help="speed part: grpokit synchronous against rollout.async_rollouts = true (no TRL)")
+    ap.add_argument("--reward-latency", type=float, default=0.0,
+                    help="with --async-compare: the reward answers after this many seconds per batch, as a remote "
+                         "verifier or judge does")
     ap.add_argument("--out", default=str(RESULTS), help="markdown file for the tables")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -736,11 +756,14 @@ def main(argv: list[str] | None = None) -> int:
             labels = ("TRL GRPOTrainer", "grpokit")
             note = ""
             if a.async_compare:
+                spec = replace(spec, reward_latency=a.reward_latency)
                 sides = {"trl": ("grpokit", spec), "grpokit": ("grpokit", replace(spec, async_rollouts=True))}
                 labels = ("grpokit sync", "grpokit async")
                 note = ("Both columns are grpokit with the settings below; the second sets rollout.async_rollouts = true "
                         "(step k+1's batch is generated in a background thread during step k's update, and "
-                        "rollout.correction = 'auto' turns token-TIS on for the one-update lag).\n\n")
+                        "rollout.correction = 'auto' turns token-TIS on for the one-update lag)"
+                        + (f"; the reward answers after {a.reward_latency:g} s per batch in both, as a remote verifier "
+                           "or judge does" if a.reward_latency else "") + ".\n\n")
             elif a.engine == "vllm":
                 labels = ("TRL use_vllm=True (colocate)", "grpokit rollout.engine = vllm")
                 try:  # TRL's vLLM path first: where it cannot run here, its error goes in the results
