@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,7 @@ def _trl_trainer(model_dir: str, tokenizer, setting: Setting, *, B: int, G: int,
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=B // setting.split, gradient_accumulation_steps=setting.split,
         num_generations=G, max_completion_length=C, temperature=setting.temperature, bf16=False, fp16=False,
-        activation_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        **no_checkpointing(GRPOConfig), use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
         disable_dropout=True, num_iterations=1, model_init_kwargs={"dtype": torch.float32}, **setting.trl,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -409,6 +409,9 @@ class SpeedSpec:
     threads: int = 2
     seed: int = 0
     profile: str = ""           # write a cProfile of this worker's training steps here
+    engine: str = "default"     # "vllm": TRL use_vllm=True (colocate) / grpokit rollout.engine = "vllm"
+    async_rollouts: bool = False  # grpokit only: rollout.async_rollouts
+    reward_latency: float = 0.0   # grpokit only: seconds the reward takes per batch (a remote verifier or judge)
 
 
 def arith_rows(spec: SpeedSpec, n_steps: int) -> list[dict[str, Any]]:
@@ -419,6 +422,14 @@ def arith_rows(spec: SpeedSpec, n_steps: int) -> list[dict[str, Any]]:
 
     task, rng = get_task("arith"), random.Random(spec.seed)
     return [row for _ in range(n_steps) for row in task.sample(spec.prompts, rng)]
+
+
+def no_checkpointing(config_cls: type) -> dict[str, bool]:
+    """Gradient checkpointing off, by the field name this transformers has (activation_checkpointing since 5.20)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config_cls)}
+    return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
 
 
 def _rss_mib() -> float:
@@ -447,9 +458,10 @@ def worker_trl(spec: SpeedSpec) -> dict[str, Any]:
         epsilon_high=spec.eps_high, beta=spec.beta, use_bias_correction_kl=False, scale_rewards="group",
         learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
-        activation_checkpointing=False, use_cpu=True, model_init_kwargs={"dtype": torch.float32}, disable_dropout=True,
+        **no_checkpointing(GRPOConfig), use_cpu=True, model_init_kwargs={"dtype": torch.float32}, disable_dropout=True,
         shuffle_dataset=False, seed=spec.seed, report_to="none", save_strategy="no", logging_steps=1,
         log_completions=False, dataloader_num_workers=0, disable_tqdm=True,
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 512} if spec.engine == "vllm" else {}),
     )
     marks: list[float] = []
     step_logs: list[dict[str, float]] = []
@@ -528,9 +540,25 @@ def worker_grpokit(spec: SpeedSpec) -> dict[str, Any]:
         "train.weight_decay=0.0", "train.betas=[0.9, 0.99]", "train.grad_clip=1.0", f"train.seed={spec.seed}",
         f"train.run_dir={json.dumps(run_dir)}", f"train.threads={spec.threads}", "train.tensorboard=false",
         "train.progress=false", "train.report=false", "train.final_eval=false", "train.device=\"cpu\"",
+        *(["rollout.engine=\"vllm\"", "rollout.vllm.max_model_len=512"] if spec.engine == "vllm" else []),
+        *(["rollout.async_rollouts=true"] if spec.async_rollouts else []),
     ])
-    ctx = setup(cfg)
+    funcs = None
+    if spec.reward_latency > 0:  # a remote verifier or judge: the same reward, answered after a delay
+        from grpokit.rewards.builtin import numeric_match
+
+        def slow_numeric_match(prompts, completions, **columns):
+            time.sleep(spec.reward_latency)
+            return numeric_match(prompts, completions, answer=columns["answer"])
+
+        funcs = [slow_numeric_match]
+    ctx = setup(cfg, reward_funcs=funcs)
     torch.set_num_threads(spec.threads)
+    if spec.async_rollouts:  # as grpokit.train.loop.train starts it
+        from grpokit.train.async_rollout import AsyncRollouts
+
+        ctx.rollouts = AsyncRollouts(ctx)
+        ctx.rollouts.start(None)
     prof = None
     if spec.profile:
         import cProfile
@@ -554,6 +582,8 @@ def worker_grpokit(spec: SpeedSpec) -> dict[str, Any]:
         ph["time/update_own"] = m["time/update"]
         phases.append(ph)
     ctx.logger.close()
+    if ctx.rollouts is not None:
+        ctx.rollouts.close()
     if prof is not None:
         prof.dump_stats(spec.profile)
     return {"trainer": "grpokit", "step_s": times, "gen_tokens": gen, "rss_mib": _rss_mib(), "reward": reward,
@@ -591,10 +621,11 @@ def summarize(results: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
-def speed_markdown(spec: SpeedSpec, s_trl: dict[str, Any], s_gk: dict[str, Any], phases: dict[str, float]) -> str:
+def speed_markdown(spec: SpeedSpec, s_trl: dict[str, Any], s_gk: dict[str, Any], phases: dict[str, float],
+                   labels: tuple[str, str] = ("TRL GRPOTrainer", "grpokit")) -> str:
     B = spec.prompts * spec.G
     rows = [
-        "| | TRL GRPOTrainer | grpokit | TRL / grpokit |",
+        f"| | {labels[0]} | {labels[1]} | first / second |",
         "|---|---:|---:|---:|",
         f"| s/step, median | {s_trl['median']:.2f} | {s_gk['median']:.2f} | **{s_trl['median'] / s_gk['median']:.2f}x** |",
         f"| s/step, min - max | {s_trl['min']:.2f} - {s_trl['max']:.2f} | {s_gk['min']:.2f} - {s_gk['max']:.2f} | |",
@@ -650,6 +681,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in both (default: cores available)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="", help="cProfile the grpokit worker (and TRL's) into this directory")
+    ap.add_argument("--engine", choices=["default", "vllm"], default="default",
+                    help="vllm: TRL use_vllm=True (colocate) against grpokit rollout.engine='vllm'; run it with "
+                         ".vllm-venv/bin/python and trl installed there (see benchmarks/README.md)")
+    ap.add_argument("--async-compare", action="store_true",
+                    help="speed part: grpokit synchronous against rollout.async_rollouts = true (no TRL)")
+    ap.add_argument("--reward-latency", type=float, default=0.0,
+                    help="with --async-compare: the reward answers after this many seconds per batch, as a remote "
+                         "verifier or judge does")
     ap.add_argument("--out", default=str(RESULTS), help="markdown file for the tables")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -712,28 +751,62 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=a.max_new_tokens or (16 if a.quick else 32), temperature=a.temperature, lr=a.lr,
                 beta=a.beta, warmup=a.warmup, steps=a.steps or (2 if a.quick else 5), threads=threads, seed=a.seed,
             )
+            # the two sides: (worker, spec) each; "trl" is the baseline column of the table
+            sides = {"trl": ("trl", replace(spec, engine=a.engine)), "grpokit": ("grpokit", replace(spec, engine=a.engine))}
+            labels = ("TRL GRPOTrainer", "grpokit")
+            note = ""
+            if a.async_compare:
+                spec = replace(spec, reward_latency=a.reward_latency)
+                sides = {"trl": ("grpokit", spec), "grpokit": ("grpokit", replace(spec, async_rollouts=True))}
+                labels = ("grpokit sync", "grpokit async")
+                note = ("Both columns are grpokit with the settings below; the second sets rollout.async_rollouts = true "
+                        "(step k+1's batch is generated in a background thread during step k's update, and "
+                        "rollout.correction = 'auto' turns token-TIS on for the one-update lag)"
+                        + (f"; the reward answers after {a.reward_latency:g} s per batch in both, as a remote verifier "
+                           "or judge does" if a.reward_latency else "") + ".\n\n")
+            elif a.engine == "vllm":
+                labels = ("TRL use_vllm=True (colocate)", "grpokit rollout.engine = vllm")
+                try:  # TRL's vLLM path first: where it cannot run here, its error goes in the results
+                    print("[trl use_vllm=True] trying ...", flush=True)
+                    first = run_worker("trl", sides["trl"][1])
+                except RuntimeError as err:
+                    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                    trl_frames = [ln for ln in lines if "/trl/" in ln and "File " in ln]  # where in TRL it failed
+                    versions_warn = [ln.strip() for ln in lines if "currently supports vLLM versions" in ln][:1]
+                    tail = versions_warn + trl_frames[-1:] + lines[-3:]
+                    note = ("TRL's vLLM path (use_vllm=True, vllm_mode='colocate') did not run here; its last lines:\n\n"
+                            "```\n" + "\n".join(tail) + "\n```\n\nSo grpokit's `vllm` engine is compared with TRL's "
+                            "default path (`model.generate`) instead.\n\n")
+                    print(note, flush=True)
+                    sides["trl"] = ("trl", spec)
+                    labels = ("TRL GRPOTrainer (model.generate)", "grpokit rollout.engine = vllm")
+                    first = None
             res: dict[str, list[dict[str, Any]]] = {"trl": [], "grpokit": []}
             for rep in range(a.repeats):
-                for kind in ("trl", "grpokit"):
-                    s = copy.copy(spec)
+                for side in ("trl", "grpokit"):
+                    kind, s = sides[side][0], copy.copy(sides[side][1])
+                    if side == "trl" and rep == 0 and a.engine == "vllm" and not a.async_compare and first is not None:
+                        res[side].append(first)  # the trial run above was this run
+                        continue
                     if a.profile:
                         Path(a.profile).mkdir(parents=True, exist_ok=True)
-                        s.profile = str(Path(a.profile) / f"{kind}_{rep}.prof")
-                    print(f"[{kind} run {rep + 1}/{a.repeats}] ...", flush=True)
+                        s.profile = str(Path(a.profile) / f"{side}_{rep}.prof")
+                    print(f"[{labels[side == 'grpokit']} run {rep + 1}/{a.repeats}] ...", flush=True)
                     r = run_worker(kind, s)
-                    res[kind].append(r)
-                    print(f"[{kind} run {rep + 1}/{a.repeats}] step s: " + " ".join(f"{t:.2f}" for t in r["step_s"]) +
+                    res[side].append(r)
+                    print(f"[{labels[side == 'grpokit']} run {rep + 1}/{a.repeats}] step s: " + " ".join(f"{t:.2f}" for t in r["step_s"]) +
                           f"  | peak RSS {r['rss_mib']:.0f} MiB | wall {r['wall_s']:.0f}s", flush=True)
             s_trl, s_gk = summarize(res["trl"], spec.warmup), summarize(res["grpokit"], spec.warmup)
             phase_keys = ("time/rollout", "time/reward", "time/logprobs", "time/update")
             phases = {kind: {k: statistics.median(p[k] for r in res[kind] for p in r["phases"][spec.warmup:]) for k in phase_keys}
                       for kind in ("trl", "grpokit")}
             name = "SmolLM2-135M-Instruct" if a.model in ("smollm2", "smollm2-135m") else a.model
-            table = speed_markdown(spec, s_trl, s_gk, phases)
-            head = (f"## Training speed ({name}, CPU, {threads} threads, {a.repeats} run(s) per trainer, alternated)\n\n")
-            print(head + table)
-            print(f"\nTRL / grpokit seconds per step (median): {s_trl['median'] / s_gk['median']:.2f}x")
-            parts.append(head + table + "\n")
+            table = speed_markdown(spec, s_trl, s_gk, phases, labels=labels)
+            what = "sync vs async" if a.async_compare else ("vLLM engines" if a.engine == "vllm" else "default engines")
+            head = (f"## Training speed, {what} ({name}, CPU, {threads} threads, {a.repeats} run(s) per side, alternated)\n\n")
+            print(head + note + table)
+            print(f"\n{labels[0]} / {labels[1]} seconds per step (median): {s_trl['median'] / s_gk['median']:.2f}x")
+            parts.append(head + note + table + "\n")
     if not a.no_write:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,8 @@ class RolloutConfig:
     precision: str = doc("The engine's compute precision: 'same' (model.precision), 'auto', 'bf16' or 'fp32'. A sampler in bf16 under an fp32 trainer reports log-probs μ that differ from the trainer's ℓ° (SPEC 12).", "same")
     correction: str = doc("Rollout correction (SPEC 12): 'auto' (token_tis where the engine's log-probs can differ from the trainer's: the vLLM engines, hf sampling in bf16; 'none' for hf in fp32), 'none', 'bypass' (no ℓ° pass: ratio exp(ℓ − μ)) or a decoupled mode of `grpokit list correction`: token_tis, seq_tis, token_mask, seq_mask, geo_mask.", "auto")
     correction_low: float | None = doc("Lower ratio bound of the mask modes (unset: 1/correction_high; geo_mask 0.99).", None)
-    async_rollouts: bool = doc("Asynchronous rollouts (SPEC 12): generate step k+1's batch in a background thread while step k's update runs (one process; the engine samples its own copy of the policy, one update old: staleness 1). The rollout correction ('auto': token_tis) covers the lag; resume regenerates the in-flight batch exactly.", False)
+    async_rollouts: bool = doc("Asynchronous rollouts (SPEC 12; also spelt rollout.async): generate the next steps' batches in a background thread while the update runs (one process; the engine samples its own copy of the policy, rollout.max_staleness updates old at most). The rollout correction ('auto': token_tis) covers the lag; resume regenerates the in-flight batches exactly.", False)
+    max_staleness: int = doc("With rollout.async_rollouts: s, how many batches are generated ahead. Step t's batch is sampled with the weights after update max(t-1-s, 0), so it lags the trained policy by min(s, t-1) updates (logged as async/staleness); at most s batches in flight, s copies of the weights kept on the CPU. 1: step k+1's batch overlaps step k's update.", 1)
     correction_high: float | None = doc("C of the TIS modes (token_tis 2, seq_tis 3) or upper ratio bound of the mask modes (token_mask 2, seq_mask 3, geo_mask 1.01); unset: the mode's own.", None)
     vllm: VLLMConfig = doc("Options of the 'vllm' and 'vllm_server' engines (a section: rollout.vllm.<field>).", factory=VLLMConfig)
     server: ServerConfig = doc("The 'vllm_server' engine's server (a section: rollout.server.<field>).", factory=ServerConfig)
@@ -329,10 +330,28 @@ def read_recipe(path: str | Path, *, kind: str = "recipe", hint: str = "`grpokit
     return data
 
 
+#: Other spellings of a field whose name is a Python keyword: (section, alias) -> the field.
+FIELD_ALIASES = {("rollout", "async"): "async_rollouts"}
+
+
+def _resolve_aliases(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Rename the aliases of FIELD_ALIASES in one source of settings (`where`: the recipe, the overrides, ...)."""
+    for (section, alias), name in FIELD_ALIASES.items():
+        table = data.get(section)
+        if isinstance(table, dict) and alias in table:
+            if name in table:
+                raise ConfigError(f"{where} sets both {section}.{alias} and {section}.{name}, which are one field "
+                                  f"({alias} is its other spelling); keep one of them")
+            data[section] = table = dict(table)  # the caller's table stays as it was
+            table[name] = table.pop(alias)
+    return data
+
+
 def build(cfg: Any, data: dict[str, Any], sections: dict[str, Any], overrides: list[str] | None) -> Any:
     """`cfg` (a config dataclass of defaults) <- recipe tables <- keyword sections <- `--set` overrides."""
-    _deep_update(data, sections)
-    _deep_update(data, parse_overrides(overrides or []))
+    _resolve_aliases(data, "the recipe")
+    _deep_update(data, _resolve_aliases(dict(sections), "the keyword sections"))
+    _deep_update(data, _resolve_aliases(parse_overrides(overrides or []), "the --set overrides"))
     _merge(cfg, data, "")
     return cfg
 
@@ -600,6 +619,7 @@ def validate(cfg: Config) -> list[str]:
             f"= {r.max_new_tokens - 1} (DAPO's L_c is a buffer before L_max)"
         )
     _check_correction(cfg)
+    _check_async(cfg)
     batch = r.prompts_per_step * r.group_size
     if t.updates_per_rollout > batch:
         raise ConfigError(
@@ -748,3 +768,15 @@ def _help_fields(obj: Any, prefix: str, lines: list[str]) -> None:
             default = _token_mask_defaults_note(f.name)
         lines.append(f"  {prefix}.{f.name} ({name}, {default})")
         lines.append(f"      {f.metadata.get('help', '')}")
+
+
+def _check_async(cfg: Config) -> None:
+    """rollout.max_staleness (asynchronous rollouts)."""
+    r = cfg.rollout
+    if isinstance(r.max_staleness, bool) or not isinstance(r.max_staleness, int) or r.max_staleness < 1:
+        raise ConfigError(f"rollout.max_staleness must be an integer >= 1 (the number of batches generated ahead), "
+                          f"got {r.max_staleness!r}; use 1 for one batch overlapping each update")
+    if r.max_staleness > 1 and not r.async_rollouts:
+        # an error, not a warning: the user asked for stale batches and would silently train synchronously
+        raise ConfigError(f"rollout.max_staleness = {r.max_staleness} only applies to asynchronous rollouts; set "
+                          "rollout.async_rollouts = true, or remove rollout.max_staleness")

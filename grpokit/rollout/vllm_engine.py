@@ -116,7 +116,13 @@ def write_policy(model: torch.nn.Module, tokenizer: Any, path: Path, *, base_onl
         plain = copy.deepcopy(model).unload()
     else:
         plain = merged_copy(model) if hasattr(model, "merge_and_unload") else model
-    plain.save_pretrained(path, safe_serialization=True)
+    # written by hand, not with save_pretrained: under torchrun that writes on rank 0 only, and every rank's
+    # engine loads its own directory
+    path.mkdir(parents=True, exist_ok=True)
+    plain.config.to_json_file(str(path / "config.json"))
+    if getattr(plain, "generation_config", None) is not None:
+        plain.generation_config.to_json_file(str(path / "generation_config.json"))
+    write_weights(plain.state_dict().items(), path, tied=bool(getattr(plain.config, "tie_word_embeddings", False)))
     tokenizer.save_pretrained(path)
 
 

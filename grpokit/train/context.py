@@ -244,8 +244,9 @@ def save(ctx: Context) -> Path | None:
     m, o = model_state(ctx), optim_state(ctx)  # collective under FSDP2: every rank takes part
     extra = {}
     if ctx.rollouts is not None:  # asynchronous rollouts: what regenerates the in-flight batch on resume
-        more, extra["sampler"] = ctx.rollouts.checkpoint_parts()
+        more, files = ctx.rollouts.checkpoint_parts()  # sampler.safetensors (+ sampler_w<j> with max_staleness > 1)
         state.update(more)
+        extra.update(files)
     path = None
     if dist.is_main():
         path = ckpt.save_checkpoint(ctx.run_dir, ctx.state["step"], model_state=m, optim_state=o,

@@ -69,7 +69,7 @@ def overrides(root: Path, run: Path, **extra: object) -> list[str]:
     return out
 
 
-def run(root: Path, args: list[str], nproc: int = 1, fail: bool = False) -> subprocess.CompletedProcess:
+def run(root: Path, args: list[str], nproc: int = 1, fail: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1"}
@@ -80,7 +80,7 @@ def run(root: Path, args: list[str], nproc: int = 1, fail: bool = False) -> subp
         cmd = [torchrun, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                "-m", "grpokit", "train", *args]
     # a hang (ranks calling different collectives) fails here instead of stalling CI
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert (proc.returncode != 0) == fail, f"{' '.join(cmd[:4])} gave {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
