@@ -271,8 +271,10 @@ def _length_reward(prompts, completions, **_):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("engine", ["vllm", "vllm_server"])
-def test_async_rollouts_with_a_vllm_engine_lag_one_update_and_resume_exactly(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine,lora", [("vllm", False), ("vllm_server", False), ("vllm", True)],
+                         ids=["vllm", "vllm_server", "vllm-lora-adapter"])
+def test_async_rollouts_with_a_vllm_engine_lag_one_update_and_resume_exactly(engine: str, lora: bool,
+                                                                             tmp_path: Path) -> None:
     """The vLLM engines in async mode (snapshots loaded by the worker): step 1 samples the initial weights,
     steps 2-3 a policy one update old (the lag shows in μ − ℓ°), and a run stopped after step 2 with step 3's
     batch in flight, resumed, ends with the uninterrupted run's weights."""
@@ -287,7 +289,8 @@ def test_async_rollouts_with_a_vllm_engine_lag_one_update_and_resume_exactly(eng
                        "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=8",
                        f"train.steps={steps}", "train.lr=0.01", "train.micro_batch_size=16", "train.keep_last=10",
                        f"train.run_dir='{out}'", "train.progress=false", "train.report=false",
-                       "train.tensorboard=false", "data.heldout_size=0", "train.final_eval=false"])
+                       "train.tensorboard=false", "data.heldout_size=0", "train.final_eval=false",
+                       *(["model.lora_r=4", "model.lora_alpha=8.0", "rollout.vllm.lora_sync='adapter'"] if lora else [])])
 
     full = run(tmp_path / "full", 3)
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
