@@ -822,7 +822,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render is not None:
         out = args.out or args.render.parent
-        render(json.loads(args.render.read_text()), out, args.update_readme)
+        result = json.loads(args.render.read_text())
+        full = [s for s in result["seeds"] if all(any(r["seed"] == s and r["method"] == m and r["task"] == t
+                                                         for r in result["runs"])
+                                                     for m in result["method_names"] for t in result["task_names"])]
+        if full != result["seeds"]:  # a cut-short run (`.partial.json`): keep the seeds every method completed
+            log(f"keeping seeds {full} (complete for every method) of {result['seeds']}")
+            result["seeds"], result["runs"] = full, [r for r in result["runs"] if r["seed"] in full]
+            result["aggregate"] = aggregate(result["runs"], result["task_names"], result["method_names"])
+        if args.render.name.endswith(".partial.json"):
+            (out / args.render.name.replace(".partial", "")).write_text(json.dumps(result, indent=1, default=float))
+        render(result, out, args.update_readme)
         return 0
     long = bool(args.tasks) and any(t in LONG_TASKS for t in args.tasks)
     if long and not all(t in LONG_TASKS for t in args.tasks):
@@ -1152,9 +1162,11 @@ def render_long(result: dict[str, Any], out: Path, readme: bool) -> None:
         "mean over tokens shared within a group of |sum_i A_i w_i| / sum_i |A_i w_i|, 0 = they cancel) are the "
         f"trainer's per-step metrics: step 1 -> mean of the last {LAST} steps (and the mean over the run).",
     ]
-    body = [*head, tbl, "", *reading, "", "Verdicts:", "", *long_verdicts(agg, task, methods), "",
+    notes = out / f"{prefix}_reading.md"  # the written reading of these numbers, kept beside them
+    body = [*head, tbl, "", *reading, "", "Verdicts (interval-overlap rule):", "", *long_verdicts(agg, task, methods), "",
             "Do FIPO and FRPO act on this task? (means over all steps and seeds)", "", *credit_lines(agg, task, runs), "",
-            f"![{task}](results/{prefix}_{task}.png)", ""]
+            f"![{task}](results/{prefix}_{task}.png)", "",
+            *([notes.read_text().strip("\n"), ""] if notes.exists() else [])]
     md = ["# Long responses: credit assignment at equal compute", "", *[x.replace("](results/", "](") for x in body],
           "## Settings", "", *long_settings(result), "", "## Per run", "",
           "| method | seed | held-out before -> after | avg@8 after | train acc last 10 | length last | entropy last | "
