@@ -34,7 +34,26 @@ on the kept, mixed-reward groups only, which is not comparable).
 
 Writes benchmarks/results/algorithms.md (tables + settings), algorithms.json (every per-run number) and
 algorithms_<task>.png (training accuracy vs step; held-out gain with 95% intervals). `--update-readme`
-also replaces the "## Algorithms at equal compute" section at the end of benchmarks/README.md.
+also replaces the "## Algorithms at equal compute" section of benchmarks/README.md.
+
+Long-response mode (`--tasks trace2`): answers of one or two tokens give FIPO's future-KL weights and FRPO's
+KL-to-go nothing to act on, so this mode uses the built-in `add_trace` task: two-digit addition worked column
+by column, "<think>units 7+5=12 write 2 carry 1; tens 4+8+1=13 write 3 carry 1; hundreds 1</think>\n<answer>
+132</answer>", 80-100 characters = tokens for the character model, where the units column (the first tokens)
+decides everything after it. The warm model is SFT'd on the task's training stream with `error_rate` 0.5 (half
+the traces carry one slip, consistent thereafter, so the answer is wrong), which leaves it right part of the
+time; reward `numeric_match` (the <answer>). Its own compute settings (COMMON_LONG: 128 new tokens), SFT
+(SFT_LONG), steps (LONG_STEPS) and nine methods by default: GRPO, Dr. GRPO, DAPO, FIPO, FRPO, GSPO, GSPO with
+min-replace (`algo.seq_weight = "min_replace"`), Clip-Cov and ACE. Besides accuracy, length and entropy it
+records the cancellation residual (`cancel/residual`, logged by the trainer for every method) and how far
+FIPO's weights (`fipo/weight_mean`, `fipo/weight_max`, `fipo/frac_at_high`) and FRPO's shifts
+(`credit/shift_abs_mean`, `frpo/kl_term_abs_mean`) depart from 1 and 0. Writes algorithms_long.md,
+algorithms_long.json and algorithms_long_trace2.png (accuracy with a band over seeds, held-out accuracy with
+95% intervals, length, entropy, cancellation residual); `--update-readme` replaces the "## Long responses:
+credit assignment at equal compute" section.
+
+    .venv/bin/python benchmarks/algorithms.py --tasks trace2 --update-readme     # 9 methods x 3 seeds
+    .venv/bin/python benchmarks/algorithms.py --tasks trace2 --quick             # smoke (< 1 min with a cached warm model)
 """
 from __future__ import annotations
 
@@ -77,9 +96,20 @@ METHODS: dict[str, tuple[str, str]] = {
     "dapo": ("dapo.toml", "grpo adv, ppo_clip 0.2/0.28, token_mean, dynamic sampling (max_gen_batches 3), overlong shaping, beta 0"),
     "fipo": ("fipo.toml", "grpo adv, fipo loss 0.2/0.28, dual-clip 10, tau 32, f in [1, 1.2], token_mean, beta 0"),
     "frpo": ("frpo.toml", "grpo adv (population std), frpo credit k1 KL-to-go beta 0.01, ppo_clip 0.2/0.28, token_mean"),
+    "gspo": ("gspo.toml", "grpo adv, gspo loss (sequence-level ratio, clip 3e-4/4e-4), seq_mean_token_mean, beta 0"),
+    "gspo_mr": ("gspo.toml", "gspo.toml + algo.seq_weight = min_replace (group-min sequence weights, arXiv 2604.13088)"),
+    "clip_cov": ("clip_cov.toml", "grpo adv, ppo_clip 1.0/1.0, token_mean, clip_cov token mask (ratio 2e-4, cov in [1, 5]), dynamic sampling (max_gen_batches 3), beta 0"),
+    "ace": ("ace.toml", "grpo adv + ace transform (alpha 1, c_i vs the reference), ppo_clip 0.2/0.28, token_mean, beta 0"),
 }
-LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "fipo": "FIPO", "frpo": "FRPO"}
-COLORS = {"grpo": "#1f77b4", "dr_grpo": "#ff7f0e", "dapo": "#2ca02c", "fipo": "#d62728", "frpo": "#9467bd"}
+#: Settings a method adds on top of its recipe (several methods share one recipe file).
+METHOD_EXTRA: dict[str, dict[str, Any]] = {"gspo_mr": {"algo.seq_weight": "min_replace"}}
+LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "fipo": "FIPO", "frpo": "FRPO", "gspo": "GSPO",
+          "gspo_mr": "GSPO+min-replace", "clip_cov": "Clip-Cov", "ace": "ACE"}
+COLORS = {"grpo": "#1f77b4", "dr_grpo": "#ff7f0e", "dapo": "#2ca02c", "fipo": "#d62728", "frpo": "#9467bd",
+          "gspo": "#8c564b", "gspo_mr": "#e377c2", "clip_cov": "#7f7f7f", "ace": "#bcbd22"}
+#: The short mode's methods (its default) and the long-response mode's (its default).
+SHORT_METHODS = ["grpo", "dr_grpo", "dapo", "fipo", "frpo"]
+LONG_METHODS = ["grpo", "dr_grpo", "dapo", "fipo", "frpo", "gspo", "gspo_mr", "clip_cov", "ace"]
 
 #: Built-in grpokit tasks: name -> (task spec, task options). Single-digit operands: 100 problems, the
 #: largest held-out split ArithTask allows is half of them.
@@ -87,8 +117,13 @@ TASK_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "add1": ("arith", {"ops": ["+"], "min_digits": 1, "max_digits": 1, "heldout_size": 50}),
     "mul1": ("arith", {"ops": ["*"], "min_digits": 1, "max_digits": 1, "heldout_size": 50}),
     "sub1": ("arith", {"ops": ["-"], "min_digits": 1, "max_digits": 1, "heldout_size": 50}),
+    # the long-response mode: two-digit addition worked column by column (~90 characters = tokens)
+    "trace2": ("add_trace", {"ops": ["+"], "min_digits": 2, "max_digits": 2, "error_rate": 0.5, "prompt_suffix": "",
+                             "heldout_size": 100}),
 }
 DEFAULT_TASKS = ["add1", "mul1"]
+#: Tasks of the long-response mode (its own settings, outputs and README section; not mixed with short ones).
+LONG_TASKS = {"trace2"}
 
 #: The compute settings every method shares (the recipes' own values are overridden).
 COMMON = {
@@ -103,6 +138,20 @@ COMMON = {
 #: The SFT warm-up (cached per task and these settings).
 SFT = {"p_digit": 0.4, "copies": 40, "steps": 800, "batch_size": 32, "lr": 3e-3, "seed": 0, "model_seed": 0}
 QUICK_SFT_STEPS = 100
+#: The long-response mode's shared compute settings and SFT warm-up (see the module docstring).
+COMMON_LONG = {
+    "prompts_per_step": 8,
+    "group_size": 8,
+    "max_new_tokens": 128,
+    "temperature": 1.0,
+    "lr": 1e-4,
+    "updates_per_rollout": 2,
+    "micro_batch_size": 64,
+}
+SFT_LONG = {"n_rows": 20000, "steps": 1500, "batch_size": 32, "lr": 3e-3, "seed": 0, "model_seed": 0}
+LONG_STEPS = 30
+LONG_PREFIX = "algorithms_long"
+LONG_README_SECTION = "## Long responses: credit assignment at equal compute"
 BOOT_RESAMPLES = 1000  # as grpokit.report.evaluate
 EVAL_K = 8  # held-out avg@k at temperature 1 (a lower-variance companion of the greedy accuracy)
 LAST = 10  # "end of training" = mean over the last LAST steps
@@ -166,8 +215,10 @@ def warm_model(task_name: str, sft_cfg: dict[str, Any], cache: Path) -> tuple[st
     from grpokit.train.sft import sft
 
     spec, options = TASK_SPECS[task_name]
+    long = spec == "add_trace"
     key = {"task": spec, "options": options, "sft": sft_cfg, "shape": TINY_SHAPE, "init_std": TINY_INIT_STD,
-           "noise": "digit right w.p. p else d+1 mod 10; all problems incl. held-out", "version": 1}
+           "noise": ("the task's own error_rate slips; training stream only" if long else
+                     "digit right w.p. p else d+1 mod 10; all problems incl. held-out"), "version": 1}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{task_name}-{digest}"
     meta_path = path / "bench_meta.json"
@@ -177,9 +228,16 @@ def warm_model(task_name: str, sft_cfg: dict[str, Any], cache: Path) -> tuple[st
         return str(path), meta
     task = get_task(spec, **options)
     rng = random.Random(sft_cfg["seed"])
-    rows = [task.row(p) for p in all_problems(task)]
-    pairs = [(r["prompt"], noisy(r["answer"], sft_cfg["p_digit"], rng)) for r in rows for _ in range(sft_cfg["copies"])]
-    right = sum(a == r["answer"] for (_, a), r in zip(pairs, [r for r in rows for _ in range(sft_cfg["copies"])]))
+    if long:  # traces from the training stream (never a held-out problem); error_rate of them have one slip
+        from grpokit.rewards.extract import extract_number
+
+        rows = task.sample(sft_cfg["n_rows"], rng)
+        pairs = [(r["prompt"], r["completion"]) for r in rows]
+        right = sum(extract_number(c) == extract_number(r["answer"]) for (_, c), r in zip(pairs, rows))
+    else:
+        rows = [task.row(p) for p in all_problems(task)]
+        pairs = [(r["prompt"], noisy(r["answer"], sft_cfg["p_digit"], rng)) for r in rows for _ in range(sft_cfg["copies"])]
+        right = sum(a == r["answer"] for (_, a), r in zip(pairs, [r for r in rows for _ in range(sft_cfg["copies"])]))
     log(f"warm model {task_name}: SFT {sft_cfg['steps']} steps on {len(pairs)} noisy pairs "
         f"({right / len(pairs):.2f} of them right), caching in {path}")
     t0 = time.perf_counter()
@@ -305,6 +363,7 @@ def overrides_for(method: str, task_name: str, model_dir: str, seed: int, steps:
         "train.device": "cpu", "train.log_samples": 1,
     }
     ov.update(method_overrides(method, recipe, c))
+    ov.update(METHOD_EXTRA.get(method, {}))
     return ov
 
 
@@ -379,6 +438,7 @@ def run_one(method: str, task_name: str, seed: int, steps: int, model_dir: str, 
         "heldout_before_per_problem": before_pp["greedy"], "heldout_after_per_problem": after_pp,
         "heldout_before_avg_at_k": float(np.mean(before_pp["sampled"])), "heldout_after_avg_at_k": float(np.mean(after_k_pp)),
         "heldout_after_avg_at_k_per_problem": after_k_pp,
+        "heldout_before_avg_at_k_per_problem": before_pp["sampled"],
         "heldout_len_after": ev["after"].get("length", {}).get("mean"),
         "train_acc": acc_first, "train_acc_kept": [m.get("acc") for m in metrics],
         "train_acc_first5": float(np.mean(acc_first[:5])), "train_acc_last": float(np.mean(acc_first[-LAST:])),
@@ -394,7 +454,14 @@ def run_one(method: str, task_name: str, seed: int, steps: int, model_dir: str, 
         "time_step_total_s": float(sum(m.get("time/step", 0.0) for m in metrics)),
         "wall_s": wall,
         "fipo_weight_mean": mean_last(metrics, "fipo/weight", len(metrics)),
+        "fipo_weight_max_mean": mean_last(metrics, "fipo/weight/max", len(metrics)),
+        "fipo_frac_at_high": mean_last(metrics, "fipo/at_high", len(metrics)),
         "frpo_shift_abs_mean": mean_last(metrics, "credit/shift_abs_mean", len(metrics)),
+        "frpo_shift_gt_adv_frac": mean_last(metrics, "credit/shift_gt_adv_frac", len(metrics)),
+        "cancel_residual": [m.get("cancel/residual") for m in metrics],
+        "cancel_residual_mean": mean_last(metrics, "cancel/residual", len(metrics)),
+        "cancel_residual_last": mean_last(metrics, "cancel/residual"),
+        "adv_abs_mean": mean_last(metrics, "adv/abs_mean", len(metrics)),
         "clip_frac": mean_last(metrics, "clip/high", len(metrics)),
         "sample": ev["after"].get("samples", [])[:3],
     }
@@ -458,8 +525,21 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], methods: list[str]) 
                                            "entropy_last", "kl_ref_last", "tokens_generated_total",
                                            "tokens_trained_total", "seqs_generated_total", "time_step_total_s",
                                            "wall_s", "dynamic_rounds_mean", "frac_zero_var_groups",
-                                           "heldout_len_after", "fipo_weight_mean", "frpo_shift_abs_mean")},
+                                           "heldout_len_after", "fipo_weight_mean", "frpo_shift_abs_mean",
+                                           "fipo_weight_max_mean", "fipo_frac_at_high", "frpo_shift_gt_adv_frac", "cancel_residual_mean", "cancel_residual_last")},
             }
+            if all("heldout_before_avg_at_k_per_problem" in r for r in rs):  # gain in avg@k (T=1)
+                dgk = dk - np.array([np.array(r["heldout_before_avg_at_k_per_problem"]) for r in rs])
+                gk, gklo, gkhi = crossed_bootstrap(dgk, seed=3)
+                agg[t][m]["gain_k"], agg[t][m]["gain_k_ci"] = gk, [gklo, gkhi]
+                gains_k = agg[t].setdefault("_gains_k", {})
+                gains_k[m] = dgk
+            da = np.array([np.array(r["heldout_after_per_problem"]) for r in rs])
+            _, alo, ahi = crossed_bootstrap(da, seed=2)
+            agg[t][m]["heldout_after_ci"] = [alo, ahi]
+            for key in ("len_mean", "entropy", "cancel_residual"):
+                first = [r[key][0] for r in rs if r.get(key) and r[key][0] is not None]
+                agg[t][m][f"{key}_first"] = float(np.mean(first)) if first else None
         if "grpo" in gains:
             for m in methods:
                 if m in gains and m != "grpo":
@@ -469,6 +549,14 @@ def aggregate(runs: list[dict[str, Any]], tasks: list[str], methods: list[str]) 
                     a["delta_vs_grpo"], a["delta_vs_grpo_ci"] = dm, [dlo, dhi]
                     a["verdict_vs_grpo"] = ("no measurable difference" if overlap else
                                             "better than GRPO" if a["gain_ci"][0] > b["gain_ci"][1] else "worse than GRPO")
+                    if "gain_k" in a and "gain_k" in b:
+                        gk = agg[t]["_gains_k"]
+                        dm, dlo, dhi = crossed_bootstrap(gk[m], ref=gk["grpo"], seed=4)
+                        ok = not (a["gain_k_ci"][0] > b["gain_k_ci"][1] or a["gain_k_ci"][1] < b["gain_k_ci"][0])
+                        a["delta_k_vs_grpo"], a["delta_k_vs_grpo_ci"] = dm, [dlo, dhi]
+                        a["verdict_k_vs_grpo"] = ("no measurable difference" if ok else "better than GRPO"
+                                                  if a["gain_k_ci"][0] > b["gain_k_ci"][1] else "worse than GRPO")
+        agg[t].pop("_gains_k", None)
     return agg
 
 
@@ -700,12 +788,17 @@ def plot(path: Path, task: str, runs: list[dict[str, Any]], agg: dict[str, Any],
     plt.close(fig)
 
 
-def update_readme(section_body: str) -> None:
+def update_readme(section_body: str, section: str = README_SECTION) -> None:
+    """Replace `section` (its heading up to the next "## " heading, or the end) of benchmarks/README.md, or append it."""
     text = README.read_text()
-    i = text.find("\n" + README_SECTION + "\n")
-    if i >= 0:
-        text = text[:i].rstrip("\n") + "\n"
-    README.write_text(text.rstrip("\n") + "\n\n" + README_SECTION + "\n\n" + section_body.strip("\n") + "\n")
+    new = section + "\n\n" + section_body.strip("\n") + "\n"
+    i = text.find("\n" + section + "\n")
+    if i < 0:
+        README.write_text(text.rstrip("\n") + "\n\n" + new)
+        return
+    j = text.find("\n## ", i + len(section) + 2)
+    rest = "" if j < 0 else "\n" + text[j + 1:]
+    README.write_text(text[:i].rstrip("\n") + "\n\n" + new + rest)
 
 
 # ============================================================================ main
@@ -714,12 +807,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASK_SPECS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help=f"default: {' '.join(SHORT_METHODS)}; with a long task ({', '.join(sorted(LONG_TASKS))}): all nine")
+    p.add_argument("--steps", type=int, default=None, help=f"default 40; long mode {LONG_STEPS}")
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 seed, 2 steps, 1 task, short SFT, output in a temp dir")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; --quick: a temp dir)")
     p.add_argument("--runs-dir", type=Path, default=None, help="keep the run directories here (default: a temp dir, deleted)")
     p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="override the shared learning rate (calibration)")
     p.add_argument("--cache", type=Path, default=None, help="warm-model cache (default ~/.cache/grpokit/bench)")
     p.add_argument("--update-readme", action="store_true", help=f"replace the '{README_SECTION}' section of benchmarks/README.md")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
@@ -727,16 +822,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render is not None:
         out = args.out or args.render.parent
-        render(json.loads(args.render.read_text()), out, args.update_readme)
+        result = json.loads(args.render.read_text())
+        full = [s for s in result["seeds"] if all(any(r["seed"] == s and r["method"] == m and r["task"] == t
+                                                         for r in result["runs"])
+                                                     for m in result["method_names"] for t in result["task_names"])]
+        if full != result["seeds"]:  # a cut-short run (`.partial.json`): keep the seeds every method completed
+            log(f"keeping seeds {full} (complete for every method) of {result['seeds']}")
+            result["seeds"], result["runs"] = full, [r for r in result["runs"] if r["seed"] in full]
+            result["aggregate"] = aggregate(result["runs"], result["task_names"], result["method_names"])
+        if args.render.name.endswith(".partial.json"):
+            (out / args.render.name.replace(".partial", "")).write_text(json.dumps(result, indent=1, default=float))
+        render(result, out, args.update_readme)
         return 0
+    long = bool(args.tasks) and any(t in LONG_TASKS for t in args.tasks)
+    if long and not all(t in LONG_TASKS for t in args.tasks):
+        p.error(f"long-response tasks ({', '.join(sorted(LONG_TASKS))}) run in their own mode; do not mix them with short ones")
+    if args.steps is None:
+        args.steps = LONG_STEPS if long else 40
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 2
         args.tasks = (args.tasks or DEFAULT_TASKS)[:1]
     tasks = args.tasks or DEFAULT_TASKS
-    methods = args.methods
-    sft_cfg = dict(SFT)
-    sft_cfg["steps"] = args.sft_steps or (QUICK_SFT_STEPS if args.quick else SFT["steps"])
-    out = args.out or (Path(tempfile.gettempdir()) / "grpokit-bench-quick" if args.quick else REPO / "benchmarks" / "results")
+    methods = args.methods or (LONG_METHODS if long else SHORT_METHODS)
+    sft_cfg = dict(SFT_LONG if long else SFT)
+    sft_cfg["steps"] = args.sft_steps or (QUICK_SFT_STEPS if args.quick else sft_cfg["steps"])
+    out = args.out or (Path(tempfile.gettempdir()) / ("grpokit-bench-quick-long" if long else "grpokit-bench-quick")
+                       if args.quick else REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
     cache = args.cache or (Path(os.environ.get("GRPOKIT_CACHE") or Path.home() / ".cache" / "grpokit") / "bench")
     cache.mkdir(parents=True, exist_ok=True)
@@ -751,7 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(Exception):
         transformers.utils.logging.disable_progress_bar()
     info = machine_info()
-    c = dict(COMMON)
+    c = dict(COMMON_LONG if long else COMMON)
+    if args.lr is not None:
+        c["lr"] = args.lr
     tally = Tally()
     tally.install()
     log(f"tasks {tasks}, methods {methods}, seeds {args.seeds}, steps {args.steps}; instrumentation {tally.ok}")
@@ -794,25 +907,39 @@ def main(argv: list[str] | None = None) -> int:
                         f"{rec['train_acc_last']:.2f}, tokens {fmt(rec['tokens_generated_total'], 0)}, {rec['wall_s']:.1f}s")
                     if args.runs_dir is None:
                         shutil.rmtree(rec["run_dir"], ignore_errors=True)
+                    if long:  # the runs so far, for `--render` should the whole run be cut short
+                        part = results_dict(runs, warm, tasks, methods, args, c, sft_cfg, info, tally, command, long, t_all)
+                        (out / f"{part['prefix']}.partial.json").write_text(json.dumps(part, indent=1, default=float))
     finally:
         if tmp_runs:
             shutil.rmtree(tmp_runs, ignore_errors=True)
-    wall = time.perf_counter() - t_all
-    info["loadavg_end"] = os.getloadavg()
-    result = {
-        "command": command, "wall_s": wall, "sft_build_s": sum(w.get("built_s", 0.0) for w in warm.values()),
-        "machine": info, "common": c, "steps": args.steps, "seeds": args.seeds, "task_names": tasks,
-        "method_names": methods, "tasks": {t: TASK_SPECS[t] for t in tasks}, "methods": {m: METHODS[m] for m in methods},
-        "sft": sft_cfg, "warm_models": warm, "instrumentation": tally.ok,
-        "aggregate": aggregate(runs, tasks, methods), "runs": runs,
-    }
-    (out / "algorithms.json").write_text(json.dumps(result, indent=1, default=float))
+    result = results_dict(runs, warm, tasks, methods, args, c, sft_cfg, info, tally, command, long, t_all)
+    (out / f"{result['prefix']}.json").write_text(json.dumps(result, indent=1, default=float))
     render(result, out, args.update_readme)
     return 0
 
 
+def results_dict(runs: list[dict[str, Any]], warm: dict[str, Any], tasks: list[str], methods: list[str], args: Any,
+                 c: dict[str, Any], sft_cfg: dict[str, Any], info: dict[str, Any], tally: Tally, command: str,
+                 long: bool, t_all: float) -> dict[str, Any]:
+    wall = time.perf_counter() - t_all
+    info["loadavg_end"] = os.getloadavg()
+    return {
+        "mode": "long" if long else "short", "prefix": LONG_PREFIX if long else "algorithms",
+        "command": command, "wall_s": wall, "sft_build_s": sum(w.get("built_s", 0.0) for w in warm.values()),
+        "machine": info, "common": c, "steps": args.steps, "task_names": tasks,
+        "seeds": [s for s in args.seeds if any(r["seed"] == s for r in runs)] or args.seeds,
+        "method_names": methods, "tasks": {t: TASK_SPECS[t] for t in tasks}, "methods": {m: METHODS[m] for m in methods},
+        "sft": sft_cfg, "warm_models": warm, "instrumentation": tally.ok,
+        "aggregate": aggregate(runs, tasks, methods), "runs": runs,
+    }
+
+
 def render(result: dict[str, Any], out: Path, readme: bool) -> None:
     """algorithms.md, the plots and (optionally) the README section, from the algorithms.json content."""
+    if result.get("mode") == "long":
+        render_long(result, out, readme)
+        return
     tasks, methods, runs, agg = result["task_names"], result["method_names"], result["runs"], result["aggregate"]
     c, wall, command, info = result["common"], result["wall_s"], result["command"], result["machine"]
     tbl = write_markdown(out / "algorithms.md", result)
@@ -836,6 +963,234 @@ def render(result: dict[str, Any], out: Path, readme: bool) -> None:
                 *limits_lines(result)]
         update_readme("\n".join(body))
         log(f"updated {README}")
+
+# ============================================================================ the long-response mode's output
+
+def band(ax: Any, rs: list[dict[str, Any]], key: str, color: str, label: str, w: int = 5, fill: bool = True) -> None:
+    """Mean over seeds of a per-step series (w-step running mean), with a min-max band over seeds."""
+    n = min(len(r[key]) for r in rs)
+    a = np.array([[np.nan if v is None else v for v in r[key][:n]] for r in rs], dtype=float)  # [seeds, steps]
+    if n == 0 or np.isnan(a).all():
+        return
+    if n >= w:
+        k = np.ones(w) / w
+        a = np.array([np.convolve(row, k, mode="valid") for row in a])
+    x = np.arange(1, a.shape[1] + 1) + (w - 1 if n >= w else 0)
+    ax.plot(x, np.nanmean(a, 0), color=color, lw=1.6, label=label)
+    if fill and len(rs) > 1:
+        ax.fill_between(x, np.nanmin(a, 0), np.nanmax(a, 0), color=color, alpha=0.10, lw=0)
+
+
+def plot_long(path: Path, task: str, runs: list[dict[str, Any]], agg: dict[str, Any], methods: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    ms = [m for m in methods if m in agg.get(task, {})]
+    panels = [(axes[0, 0], "train_acc", "training-batch accuracy (first rollout round)", True),
+              (axes[1, 0], "len_mean", "mean response length (tokens, EOS incl.)", False),
+              (axes[1, 1], "entropy", "entropy (nats/token)", False),
+              (axes[1, 2], "cancel_residual", "cancellation residual `cancel/residual`", False)]
+    for ax, key, ylabel, fill in panels:
+        for m in ms:
+            rs = [r for r in runs if r["task"] == task and r["method"] == m]
+            band(ax, rs, key, COLORS[m], f"{LABELS[m]} (n={len(rs)})", fill=fill)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title("mean over seeds, 5-step running mean; band: min-max over seeds", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=2, loc="best")
+    x = np.arange(len(ms))
+    for ax, key, ci, title in ((axes[0, 1], "heldout_after", "heldout_after_ci", "held-out greedy accuracy after training"),
+                               (axes[0, 2], "avg_at_k_after", "avg_at_k_after_ci", f"held-out avg@{EVAL_K} (T=1) after training")):
+        v = [agg[task][m][key] for m in ms]
+        lo = [agg[task][m][key] - agg[task][m][ci][0] for m in ms]
+        hi = [agg[task][m][ci][1] - agg[task][m][key] for m in ms]
+        ax.bar(x, v, yerr=[lo, hi], capsize=4, color=[COLORS[m] for m in ms], alpha=0.85)
+        before = agg[task][ms[0]]["heldout_before" if key == "heldout_after" else "avg_at_k_before"] if ms else None
+        if before is not None:
+            ax.axhline(before, color="k", ls="--", lw=1, label=f"warm model {before:.2f}")
+            ax.legend(fontsize=8, loc="lower right")
+        if key == "heldout_after":
+            for i, m in enumerate(ms):
+                per = [r["heldout_after"] for r in runs if r["task"] == task and r["method"] == m]
+                ax.scatter([i] * len(per), per, color="k", s=10, zorder=3)
+        ax.set_xticks(x, [LABELS[m] for m in ms], rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title + ", 95% bootstrap CI (seeds x problems)" + ("; dots: seeds" if key == "heldout_after" else ""),
+                     fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{task}: long responses (two-digit addition traces), equal steps and compute", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def table_long(agg: dict[str, Any], task: str, methods: list[str]) -> str:
+    head = ("| method | held-out greedy after [95% CI] | gain (points) [95% CI] | vs GRPO: gain diff [95% CI] | "
+            f"held-out avg@{EVAL_K} (T=1) after [95% CI] | avg@{EVAL_K} gain (points) [95% CI] | avg@{EVAL_K} vs GRPO [95% CI] | train acc first 5 -> last {LAST} | length first -> last {LAST} | "
+            f"entropy first -> last {LAST} | cancel residual first -> last {LAST} (run mean) | tokens generated / run | wall s / run |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for m in methods:
+        a = agg.get(task, {}).get(m)
+        if a is None:
+            continue
+        if m == "grpo":
+            vs = "reference"
+        elif "delta_vs_grpo" in a:
+            vs = (f"{pts(a['delta_vs_grpo'])} [{pts(a['delta_vs_grpo_ci'][0])}, {pts(a['delta_vs_grpo_ci'][1])}]: "
+                  f"{a['verdict_vs_grpo']}")
+        else:
+            vs = "-"
+        lines.append(
+            f"| {LABELS[m]} | {fmt(a['heldout_after'])} [{fmt(a['heldout_after_ci'][0])}, {fmt(a['heldout_after_ci'][1])}] | "
+            f"{pts(a['gain'])} [{pts(a['gain_ci'][0])}, {pts(a['gain_ci'][1])}] | {vs} | "
+            f"{fmt(a['avg_at_k_after'])} [{fmt(a['avg_at_k_after_ci'][0])}, {fmt(a['avg_at_k_after_ci'][1])}] | "
+            f"{gain_text(a, 'gain_k')} | {vs_text(a, m, 'k_')} | "
+            f"{fmt(a['train_acc_first5'])} -> {fmt(a['train_acc_last'])} | {fmt(a.get('len_mean_first'), 1)} -> "
+            f"{fmt(a['len_last'], 1)} | {fmt(a['entropy_first'], 3)} -> {fmt(a['entropy_last'], 3)} | "
+            f"{fmt(a.get('cancel_residual_first'), 3)} -> {fmt(a['cancel_residual_last'], 3)} ({fmt(a['cancel_residual_mean'], 3)}) | "
+            f"{fmt(a['tokens_generated_total'], 0)} | {fmt(a['wall_s'], 1)} |")
+    return "\n".join(lines)
+
+
+def gain_text(a: dict[str, Any], key: str) -> str:
+    return f"{pts(a[key])} [{pts(a[key + '_ci'][0])}, {pts(a[key + '_ci'][1])}]" if key in a else "-"
+
+
+def vs_text(a: dict[str, Any], m: str, k: str = "") -> str:
+    if m == "grpo":
+        return "reference"
+    d = f"delta_{k}vs_grpo"
+    if d not in a:
+        return "-"
+    return f"{pts(a[d])} [{pts(a[d + '_ci'][0])}, {pts(a[d + '_ci'][1])}]: {a[f'verdict_{k}vs_grpo']}"
+
+
+def credit_lines(agg: dict[str, Any], task: str, runs: list[dict[str, Any]]) -> list[str]:
+    """How far FIPO's weights and FRPO's shifts depart from 1 and 0 here (means over all steps, then seeds)."""
+    out = []
+    f = agg.get(task, {}).get("fipo")
+    if f and f.get("fipo_weight_mean") is not None:
+        per = [r["fipo_weight_mean"] for r in runs if r["task"] == task and r["method"] == "fipo"]
+        out.append(f"- FIPO (`fipo/weight`, f clipped to [1, 1.2]): mean token weight {f['fipo_weight_mean']:.4f} "
+                   f"(seeds: {', '.join(f'{v:.4f}' for v in per)}), mean per-step maximum {fmt(f['fipo_weight_max_mean'], 4)} "
+                   f"(`fipo/weight/max`), fraction of tokens at the 1.2 cap {fmt(f['fipo_frac_at_high'], 4)} "
+                   f"(`fipo/at_high`). On the short task the mean was 1.005.")
+    r_ = agg.get(task, {}).get("frpo")
+    if r_ and r_.get("frpo_shift_abs_mean") is not None:
+        per = [r["frpo_shift_abs_mean"] for r in runs if r["task"] == task and r["method"] == "frpo"]
+        out.append(f"- FRPO (`credit/shift_abs_mean`, mean |token advantage - sequence advantage|): "
+                   f"{r_['frpo_shift_abs_mean']:.4f} (seeds: {', '.join(f'{v:.4f}' for v in per)}); fraction of tokens "
+                   f"whose shift exceeds |A| {fmt(r_['frpo_shift_gt_adv_frac'], 4)} (`credit/shift_gt_adv_frac`). "
+                   f"On the short task the shift was 0.009.")
+    return out
+
+
+def long_verdicts(agg: dict[str, Any], task: str, methods: list[str]) -> list[str]:
+    a = agg.get(task, {})
+    if "grpo" not in a:
+        return []
+    g = a["grpo"]
+    out = []
+    for name, gk, vk in (("greedy", "gain", "verdict_vs_grpo"), (f"avg@{EVAL_K} (T=1)", "gain_k", "verdict_k_vs_grpo")):
+        if gk not in g:
+            continue
+        out.append(f"- Held-out {name}: GRPO's gain {gain_text(g, gk)} points.")
+        for verdict, words in (("no measurable difference", "no measurable difference from GRPO (gain intervals overlap)"),
+                               ("better than GRPO", "measurably better than GRPO (non-overlapping gain intervals)"),
+                               ("worse than GRPO", "measurably worse than GRPO (non-overlapping gain intervals)")):
+            ms = [m for m in methods if a.get(m, {}).get(vk) == verdict]
+            if ms:
+                out.append(f"  - {words}: " + ", ".join(f"{LABELS[m]} {gain_text(a[m], gk)}" for m in ms) + ".")
+    return out
+
+
+def long_settings(result: dict[str, Any]) -> list[str]:
+    c, sft_cfg, steps, runs, methods = result["common"], result["sft"], result["steps"], result["runs"], result["method_names"]
+    t = result["task_names"][0]
+    spec, opt = TASK_SPECS[t]
+    lines = ["Shared by every method (overriding the recipes): " + ", ".join(f"{k} = {v}" for k, v in c.items())
+             + f", steps = {steps}, model.precision = fp32, train.threads = 1, device = cpu, grad_clip = 1.0 (default).", "",
+             f"Task `{t}`: `data.task = \"{spec}\"`, `data.task_options = {toml_literal(opt)}`: two-digit addition "
+             "worked column by column, e.g. `<think>units 7+5=12 write 2 carry 1; tens 4+8+1=13 write 3 carry 1; "
+             "hundreds 1</think>\\n<answer>132</answer>` (one token per character: 80-100 tokens with EOS). "
+             "Reward `numeric_match` (the recipes' own): the last number of the response, i.e. the `<answer>`. "
+             "The units column's sum and carry come first and decide the rest: a slip there makes a consistent but "
+             f"wrong trace. Held-out: the task's own {opt['heldout_size']} fixed problems, never in training or SFT.", "",
+             f"Warm-up: `make_tiny(seed={sft_cfg['model_seed']})` + `grpokit.train.sft.sft` for {sft_cfg['steps']} steps "
+             f"(batch {sft_cfg['batch_size']}, lr {sft_cfg['lr']}) on {sft_cfg.get('n_rows')} rows of the task's training "
+             f"stream with error_rate {opt['error_rate']}: that fraction of the SFT traces carries one slip (one column's "
+             "sum off by one, everything after consistent with it, wrong answer). The same warm model starts every run; "
+             "the seed changes the RL prompts and samples.", "",
+             "Per method, from its recipe (recipes/<method>.toml), with the length-dependent constants rescaled:", ""]
+    for m in methods:
+        extra = [x for x in next((r["overrides"] for r in runs if r["method"] == m), [])
+                 if x.startswith(("algo.norm_const", "rewards.overlong_buffer", "algo.seq_weight"))]
+        lines.append(f"- {LABELS[m]} (`recipes/{METHODS[m][0]}`): {METHODS[m][1]}"
+                     + (f"; set here: {', '.join('`' + e + '`' for e in extra)}" if extra else ""))
+    return lines
+
+
+def render_long(result: dict[str, Any], out: Path, readme: bool) -> None:
+    """The long-response mode's markdown, plot and README section."""
+    task, methods, runs, agg = result["task_names"][0], result["method_names"], result["runs"], result["aggregate"]
+    info, prefix, command = result["machine"], result["prefix"], result["command"]
+    w = result["warm_models"][task]
+    tbl = table_long(agg, task, methods)
+    plot_long(out / f"{prefix}_{task}.png", task, runs, agg, methods)
+    lens = [x for r in runs for x in r["len_mean"] if x is not None]
+    machine = (f"{info['cores']}-core {info['cpu']} ({info['platform']}), Python {info['python']}, torch {info['torch']}, "
+               f"transformers {info['transformers']}, 1 torch thread, fp32, CPU; grpokit at git {info['git_head']}; "
+               f"load average {info['loadavg_start'][0]:.1f} at the start, {info.get('loadavg_end', [float('nan')])[0]:.1f} "
+               "at the end (machine shared with another engineer's light jobs, so times are indicative).")
+    head = [f"Command: `{command}` ({wall_text(result)}; every run in one process).", "",
+            f"Machine: {machine}", "",
+            f"Seeds: {result['seeds']}. Methods: {', '.join(LABELS[m] for m in methods)}. Steps: {result['steps']} "
+            f"(equal for all). Warm model: SFT loss {w['sft_loss_first']:.2f} -> {w['sft_loss_last20']:.3f}, "
+            f"{w['frac_sft_answers_right']:.2f} of the SFT traces right; held-out greedy {w['heldout_greedy']:.2f}, "
+            f"avg@{EVAL_K} (T=1) {w['heldout_avg_at_k']:.2f}. Training responses: "
+            + (f"{min(lens):.0f}-{max(lens):.0f} tokens per-step mean." if lens else "-"), ""]
+    reading = [
+        "Columns: held-out greedy accuracy on the 100 held-out problems after training, mean over seeds, 95% "
+        f"percentile bootstrap ({BOOT_RESAMPLES} resamples) over seeds x problems; gain = after - before (warm model); "
+        "vs GRPO: paired on problems, seeds independent; the verdict is the interval-overlap rule "
+        "(overlapping gain intervals = no measurable difference). train acc: each step's first, unfiltered "
+        f"rollout round. length (`len/mean`), entropy (`entropy`) and the cancellation residual (`cancel/residual`: "
+        "mean over tokens shared within a group of |sum_i A_i w_i| / sum_i |A_i w_i|, 0 = they cancel) are the "
+        f"trainer's per-step metrics: step 1 -> mean of the last {LAST} steps (and the mean over the run).",
+    ]
+    notes = out / f"{prefix}_reading.md"  # the written reading of these numbers, kept beside them
+    body = [*head, tbl, "", *reading, "", "Verdicts (interval-overlap rule):", "", *long_verdicts(agg, task, methods), "",
+            "Do FIPO and FRPO act on this task? (means over all steps and seeds)", "", *credit_lines(agg, task, runs), "",
+            f"![{task}](results/{prefix}_{task}.png)", "",
+            *([notes.read_text().strip("\n"), ""] if notes.exists() else [])]
+    md = ["# Long responses: credit assignment at equal compute", "", *[x.replace("](results/", "](") for x in body],
+          "## Settings", "", *long_settings(result), "", "## Per run", "",
+          "| method | seed | held-out before -> after | avg@8 after | train acc last 10 | length last | entropy last | "
+          "cancel residual last | FIPO w / FRPO shift | tokens generated | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        extra = fmt(r.get("fipo_weight_mean"), 4) if r["method"] == "fipo" else (
+            fmt(r.get("frpo_shift_abs_mean"), 4) if r["method"] == "frpo" else "-")
+        md.append(f"| {LABELS[r['method']]} | {r['seed']} | {r['heldout_before']:.2f} -> {r['heldout_after']:.2f} | "
+                  f"{r['heldout_after_avg_at_k']:.2f} | {r['train_acc_last']:.2f} | {fmt(r['len_last'], 1)} | "
+                  f"{fmt(r['entropy_last'], 3)} | {fmt(r.get('cancel_residual_last'), 3)} | {extra} | "
+                  f"{fmt(r['tokens_generated_total'], 0)} | {r['wall_s']:.1f} |")
+    md += ["", f"Raw numbers: `{prefix}.json`.", ""]
+    (out / f"{prefix}.md").write_text("\n".join(md))
+    print(tbl)
+    print("\n".join(long_verdicts(agg, task, methods) + credit_lines(agg, task, runs)))
+    log(f"wrote {out / (prefix + '.md')}, {prefix}.json, {prefix}_{task}.png (benchmark wall time {result['wall_s'] / 60:.1f} min)")
+    if readme:
+        intro = (f"`benchmarks/algorithms.py --tasks {task}` trains {len(methods)} methods from their bundled recipes at equal "
+                 "steps and compute on responses of 80-100 tokens whose correctness is decided by their first column "
+                 f"(the short-answer comparison above cannot exercise FIPO or FRPO). Full settings, per-run numbers: "
+                 f"`benchmarks/results/{prefix}.md`, `{prefix}.json`.")
+        update_readme("\n".join([intro, "", *body, *long_settings(result)]), LONG_README_SECTION)
+        log(f"updated {README}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
