@@ -572,6 +572,16 @@ def pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def vs_grpo_cell(method: str, a: dict[str, Any], *, bold: bool) -> str:
+    """The table cell comparing a method's gain with GRPO's: difference [95% CI]: verdict."""
+    if method == "grpo":
+        return "reference"
+    if "delta_vs_grpo" not in a:
+        return "-"
+    verdict = f"**{a['verdict_vs_grpo']}**" if bold else a["verdict_vs_grpo"]
+    return f"{pts(a['delta_vs_grpo'])} [{pts(a['delta_vs_grpo_ci'][0])}, {pts(a['delta_vs_grpo_ci'][1])}]: {verdict}"
+
+
 def table(agg: dict[str, Any], tasks: list[str], methods: list[str]) -> str:
     head = ("| task | method | held-out greedy acc before -> after | gain (points) [95% CI] | vs GRPO: gain diff [95% CI] | "
             "held-out avg@8 (T=1) before -> after | train acc first 5 -> last 10 steps | mean length (tokens) | "
@@ -582,13 +592,7 @@ def table(agg: dict[str, Any], tasks: list[str], methods: list[str]) -> str:
             a = agg.get(t, {}).get(m)
             if a is None:
                 continue
-            if m == "grpo":
-                vs = "reference"
-            elif "delta_vs_grpo" in a:
-                vs = (f"{pts(a['delta_vs_grpo'])} [{pts(a['delta_vs_grpo_ci'][0])}, {pts(a['delta_vs_grpo_ci'][1])}]: "
-                      f"**{a['verdict_vs_grpo']}**")
-            else:
-                vs = "-"
+            vs = vs_grpo_cell(m, a, bold=True)
             tok = fmt(a["tokens_generated_total"], 0)
             if a["tokens_trained_total"] is not None and a["tokens_generated_total"] is not None and \
                     abs(a["tokens_generated_total"] - a["tokens_trained_total"]) > 0.5:
@@ -1037,13 +1041,7 @@ def table_long(agg: dict[str, Any], task: str, methods: list[str]) -> str:
         a = agg.get(task, {}).get(m)
         if a is None:
             continue
-        if m == "grpo":
-            vs = "reference"
-        elif "delta_vs_grpo" in a:
-            vs = (f"{pts(a['delta_vs_grpo'])} [{pts(a['delta_vs_grpo_ci'][0])}, {pts(a['delta_vs_grpo_ci'][1])}]: "
-                  f"{a['verdict_vs_grpo']}")
-        else:
-            vs = "-"
+        vs = vs_grpo_cell(m, a, bold=False)
         lines.append(
             f"| {LABELS[m]} | {fmt(a['heldout_after'])} [{fmt(a['heldout_after_ci'][0])}, {fmt(a['heldout_after_ci'][1])}] | "
             f"{pts(a['gain'])} [{pts(a['gain_ci'][0])}, {pts(a['gain_ci'][1])}] | {vs} | "

@@ -64,23 +64,27 @@ class Stop(Exception):
     pass
 
 
+def stopped_before_step(step: int, cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train `cfg` until `step` begins (its batch is then in flight), as a crash there would stop it."""
+    real = loop.train_step
+
+    def stop_at(ctx):
+        if ctx.state["step"] == step:
+            raise Stop
+        return real(ctx)
+
+    monkeypatch.setattr(loop, "train_step", stop_at)
+    with pytest.raises(Stop):
+        loop.train(cfg)
+    monkeypatch.setattr(loop, "train_step", real)
+
+
 def test_stopped_and_resumed_async_run_equals_the_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after step 2's checkpoint (step 3's batch in flight), then resumed: the same metrics and weights."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     sets = {"train.steps": 4, "train.save_every": 1}
     loop.train(cfg_for(full, **sets))
-
-    real = loop.train_step
-
-    def stop_at_3(ctx):
-        if ctx.state["step"] == 3:
-            raise Stop
-        return real(ctx)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_3)
-    with pytest.raises(Stop):
-        loop.train(cfg_for(cut, **sets))
-    monkeypatch.setattr(loop, "train_step", real)
+    stopped_before_step(3, cfg_for(cut, **sets), monkeypatch)
     assert (cut / "checkpoints" / "step_000002" / "sampler.safetensors").exists()
     loop.train(cfg_for(cut, **sets), resume=cut)
 
@@ -191,17 +195,7 @@ def test_stopped_and_resumed_max_staleness_2_run_equals_the_uninterrupted_one(
     full, cut, short = tmp_path / "full", tmp_path / "cut", tmp_path / "short"
     sets = {"model.name": warm_tiny, **S2, "train.steps": 5}
     loop.train(cfg_for(full, **sets))
-    real = loop.train_step
-
-    def stop_at_4(ctx):
-        if ctx.state["step"] == 4:
-            raise Stop
-        return real(ctx)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_4)
-    with pytest.raises(Stop):
-        loop.train(cfg_for(cut, **sets))
-    monkeypatch.setattr(loop, "train_step", real)
+    stopped_before_step(4, cfg_for(cut, **sets), monkeypatch)
     state = json.loads((cut / "checkpoints" / "step_000003" / "state.json").read_text())
     assert [(p["step"], p["version"]) for p in state["async_pending"]] == [(4, 1), (5, 2)]
     with pytest.raises(ConfigError, match="max_staleness = 2"):  # another schedule cannot resume these batches
@@ -242,17 +236,7 @@ def test_a_checkpoint_written_before_max_staleness_resumes_as_staleness_1(tmp_pa
     full, cut = tmp_path / "full", tmp_path / "cut"
     sets = {"train.steps": 3, "train.save_every": 1}
     loop.train(cfg_for(full, **sets))
-    real = loop.train_step
-
-    def stop_at_3(ctx):
-        if ctx.state["step"] == 3:
-            raise Stop
-        return real(ctx)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_3)
-    with pytest.raises(Stop):
-        loop.train(cfg_for(cut, **sets))
-    monkeypatch.setattr(loop, "train_step", real)
+    stopped_before_step(3, cfg_for(cut, **sets), monkeypatch)
     ck = cut / "checkpoints" / "step_000002"
     state = json.loads((ck / "state.json").read_text())
     assert state.pop("async_pending") == [{"step": 3, "version": 1, "file": "sampler"}] and state.pop("async_max_staleness") == 1
