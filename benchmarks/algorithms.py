@@ -572,16 +572,6 @@ def pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def vs_grpo_cell(method: str, a: dict[str, Any], *, bold: bool) -> str:
-    """The table cell comparing a method's gain with GRPO's: difference [95% CI]: verdict."""
-    if method == "grpo":
-        return "reference"
-    if "delta_vs_grpo" not in a:
-        return "-"
-    verdict = f"**{a['verdict_vs_grpo']}**" if bold else a["verdict_vs_grpo"]
-    return f"{pts(a['delta_vs_grpo'])} [{pts(a['delta_vs_grpo_ci'][0])}, {pts(a['delta_vs_grpo_ci'][1])}]: {verdict}"
-
-
 def table(agg: dict[str, Any], tasks: list[str], methods: list[str]) -> str:
     head = ("| task | method | held-out greedy acc before -> after | gain (points) [95% CI] | vs GRPO: gain diff [95% CI] | "
             "held-out avg@8 (T=1) before -> after | train acc first 5 -> last 10 steps | mean length (tokens) | "
@@ -592,7 +582,7 @@ def table(agg: dict[str, Any], tasks: list[str], methods: list[str]) -> str:
             a = agg.get(t, {}).get(m)
             if a is None:
                 continue
-            vs = vs_grpo_cell(m, a, bold=True)
+            vs = vs_text(a, m, bold=True)
             tok = fmt(a["tokens_generated_total"], 0)
             if a["tokens_trained_total"] is not None and a["tokens_generated_total"] is not None and \
                     abs(a["tokens_generated_total"] - a["tokens_trained_total"]) > 0.5:
@@ -1041,7 +1031,7 @@ def table_long(agg: dict[str, Any], task: str, methods: list[str]) -> str:
         a = agg.get(task, {}).get(m)
         if a is None:
             continue
-        vs = vs_grpo_cell(m, a, bold=False)
+        vs = vs_text(a, m)
         lines.append(
             f"| {LABELS[m]} | {fmt(a['heldout_after'])} [{fmt(a['heldout_after_ci'][0])}, {fmt(a['heldout_after_ci'][1])}] | "
             f"{pts(a['gain'])} [{pts(a['gain_ci'][0])}, {pts(a['gain_ci'][1])}] | {vs} | "
@@ -1058,13 +1048,15 @@ def gain_text(a: dict[str, Any], key: str) -> str:
     return f"{pts(a[key])} [{pts(a[key + '_ci'][0])}, {pts(a[key + '_ci'][1])}]" if key in a else "-"
 
 
-def vs_text(a: dict[str, Any], m: str, k: str = "") -> str:
+def vs_text(a: dict[str, Any], m: str, k: str = "", *, bold: bool = False) -> str:
+    """The table cell comparing method m's gain (k: '' greedy, 'k_' avg@k) with GRPO's: difference [95% CI]: verdict."""
     if m == "grpo":
         return "reference"
     d = f"delta_{k}vs_grpo"
     if d not in a:
         return "-"
-    return f"{pts(a[d])} [{pts(a[d + '_ci'][0])}, {pts(a[d + '_ci'][1])}]: {a[f'verdict_{k}vs_grpo']}"
+    verdict = a[f"verdict_{k}vs_grpo"]
+    return f"{pts(a[d])} [{pts(a[d + '_ci'][0])}, {pts(a[d + '_ci'][1])}]: " + (f"**{verdict}**" if bold else verdict)
 
 
 def credit_lines(agg: dict[str, Any], task: str, runs: list[dict[str, Any]]) -> list[str]:
