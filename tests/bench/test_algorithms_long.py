@@ -7,23 +7,7 @@ a README section update must leave the other sections in place.
 """
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
-
-import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "algorithms.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("grpokit_bench_algorithms", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_trace2_responses_are_long_and_fit_the_budget(bench):

@@ -9,9 +9,6 @@ The comparison itself lives in benchmarks/vs_trl.py (`run_parity`), which also p
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,17 +16,6 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 import torch  # noqa: E402
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
-
-
-@pytest.fixture(scope="module")
-def vs_trl():
-    spec = importlib.util.spec_from_file_location("grpokit_bench_vs_trl", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
