@@ -522,9 +522,9 @@ class VLLMServerEngine(_VLLMBase):
             if self.adapter:
                 # the server may have been started from another checkpoint: send the base weights once (they
                 # never change in this mode), then the adapter
-                self.scalings = {k: 0.0 for k in self.scalings}  # W + 0 * B A: the base weights exactly
+                no_lora = dict.fromkeys(self.scalings, 0.0)  # W + 0 * B A: the base weights exactly
                 base = self.weights_root / "base"
-                write_weights(merged_weights(model.state_dict().items(), self.scalings), base, tied=self.tied)
+                write_weights(merged_weights(model.state_dict().items(), no_lora), base, tied=self.tied)
                 self._with_retries("the base weights", lambda: self._request(
                     "POST", "/collective_rpc", self._reload_body(base), timeout=self.scfg.request_timeout_s))
             # the server runs the weights it was started with until the first sync: make them the policy's
