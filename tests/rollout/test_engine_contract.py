@@ -40,7 +40,7 @@ ENGINE_NAMES = [pytest.param(n, marks=pytest.mark.vllm) if needs_vllm(n) else n 
 VLLM_SHAPE = {"hidden_size": 128}
 
 
-def engine_pair(name: str, lora: bool = False):
+def engine_pair(name: str, lora: bool = False, device: str = "cpu"):
     """(trained model, engine on a separate copy): the harder case, where load_weights must do the work."""
     torch.manual_seed(0)
     model, tok = make_tiny(seed=0, **(VLLM_SHAPE if needs_vllm(name) else {}))
@@ -48,13 +48,19 @@ def engine_pair(name: str, lora: bool = False):
         from grpokit.models.lora import apply_lora
 
         model = apply_lora(model, r=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj"])
-    engine = build_engine(name, copy.deepcopy(model), tok, device="cpu", precision="fp32", shares_weights=False)
+    engine = build_engine(name, copy.deepcopy(model).to(device), tok, device=device, precision="fp32",
+                          shares_weights=False)
     return model, tok, engine
+
+
+#: where test_same_seeds_same_valid_rollouts runs the hf engine: on a GPU where there is one, so that the
+#: check that rollouts come back on the CPU is a real one there (the vLLM engines: CPU, the build tested here)
+SAMPLING_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_same_seeds_same_valid_rollouts(name: str) -> None:
-    model, tok, engine = engine_pair(name)
+    model, tok, engine = engine_pair(name, device="cpu" if needs_vllm(name) else SAMPLING_DEVICE)
     assert isinstance(engine, RolloutEngine)
     seeds = list(range(100, 108))
     a = engine.generate(prompts(tok), PARAMS, seeds)
@@ -89,6 +95,24 @@ def test_logprobs_match_the_trainer_before_and_after_a_weight_sync(name: str, lo
     fresh = engine.generate(prompts(tok), PARAMS, seeds)
     torch.testing.assert_close(fresh.logprobs, teacher_forced(model, fresh, PARAMS.temperature), atol=ATOL, rtol=0)
     engine.close()
+
+
+def test_rollout_to_moves_every_tensor_and_keeps_the_texts() -> None:
+    """`Rollout.to` (how the hf engine hands back a rollout sampled on a GPU): every tensor field on the
+    target device, values unchanged, the same texts. The meta device stands in for a GPU on a CPU machine."""
+    from dataclasses import fields
+
+    _, tok, engine = engine_pair("hf")
+    roll = engine.generate(prompts(tok), PARAMS, list(range(8)))
+    tensors = [f.name for f in fields(roll) if isinstance(getattr(roll, f.name), torch.Tensor)]
+    assert len(tensors) == 6
+    moved = roll.to("meta")
+    for name in tensors:
+        got, want = getattr(moved, name), getattr(roll, name)
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype, name
+    assert moved.texts == roll.texts
+    back = roll.to("cpu")
+    assert all(torch.equal(getattr(back, n), getattr(roll, n)) for n in tensors)
 
 
 def test_weights_that_do_not_fit_are_refused() -> None:
